@@ -1,0 +1,26 @@
+"""tfopt: model optimization for Keras 3.
+
+Magnitude pruning and quantization-aware training during `model.fit`, and a
+converter that emits verified, fully-int8 TFLite models for phones, Coral Edge
+TPU and microcontrollers (`tfopt.tflite_export`). Callbacks live in
+`tfopt.callbacks`.
+"""
+
+from tfopt.pruning import PruneLowMagnitude, SparsityReport, prune_low_magnitude, sparsity_report, strip_pruning
+from tfopt.registry import LayerSpec, register_layer
+from tfopt.schedules import ConstantSparsity, PolynomialDecay, PruningSchedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConstantSparsity",
+    "LayerSpec",
+    "PolynomialDecay",
+    "PruneLowMagnitude",
+    "PruningSchedule",
+    "SparsityReport",
+    "prune_low_magnitude",
+    "register_layer",
+    "sparsity_report",
+    "strip_pruning",
+]

@@ -1,0 +1,567 @@
+"""Magnitude pruning during `model.fit`: the wrapper, the model transforms, the report.
+
+How it works. `PruneLowMagnitude` wraps a layer and keeps, for each prunable
+weight, a 0/1 `mask` and the magnitude `threshold` of the last update. The
+masked weights are zero *in the variables* at all times:
+
+- when the schedule says so, `tfopt.callbacks.UpdatePruningStep` recomputes the
+  masks from the weight magnitudes and writes ``weight * mask`` back;
+- after every optimizer step, the optimizer applies the weight's constraint,
+  which `PruneLowMagnitude` extends with ``* mask`` (Keras 3 optimizers apply
+  variable constraints in-graph on every backend).
+
+So the forward pass needs no extra op, the inner layer runs unchanged (any
+layer type, any backend), and a checkpoint taken at any time is sparse.
+
+Masks are monotone: a weight that was pruned stays pruned (pruned weights are
+ranked below every live weight). A mask update never lowers a layer's
+sparsity, which is also why wrapping an already-sparse model keeps its zeros.
+
+Variable order inside the wrapper (the `.keras` format stores variables by
+position; never reorder): the inner layer's variables, then for each prunable
+weight in registry order ``<weight>_mask`` and ``<weight>_threshold``, then
+``pruning_step``.
+"""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from tfopt import _model_utils as mu
+from tfopt import registry
+from tfopt.schedules import ConstantSparsity, PruningSchedule
+
+__all__ = [
+    "PruneLowMagnitude",
+    "prune_low_magnitude",
+    "strip_pruning",
+    "sparsity_report",
+    "SparsityReport",
+]
+
+_POOLING = ("AVG", "MAX")
+
+
+def _check_options(pruning_schedule, block_size, block_pooling_type, sparsity_m_by_n):
+    if pruning_schedule is not None and not isinstance(pruning_schedule, PruningSchedule):
+        raise TypeError(
+            "`pruning_schedule` must be a tfopt.PruningSchedule such as "
+            "tfopt.PolynomialDecay(0.0, 0.8, begin_step=0, end_step=1000). "
+            f"Received: pruning_schedule={pruning_schedule!r}"
+        )
+    if (
+        not isinstance(block_size, (tuple, list))
+        or len(block_size) != 2
+        or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block_size)
+    ):
+        raise ValueError(
+            "`block_size` must be two positive integers (rows, columns), e.g. (1, 1) for "
+            f"element-wise or (1, 4) for blocks of 4. Received: block_size={block_size!r}"
+        )
+    if block_pooling_type not in _POOLING:
+        raise ValueError(f"`block_pooling_type` must be one of {_POOLING}. Received: block_pooling_type={block_pooling_type!r}")
+    if sparsity_m_by_n is not None:
+        ok = (
+            isinstance(sparsity_m_by_n, (tuple, list))
+            and len(sparsity_m_by_n) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in sparsity_m_by_n)
+            and 0 < sparsity_m_by_n[0] < sparsity_m_by_n[1]
+        )
+        if not ok:
+            raise ValueError(
+                "`sparsity_m_by_n` must be (m, n) with 0 < m < n: m zeros in every n consecutive "
+                f"input-channel weights, e.g. (2, 4). Received: sparsity_m_by_n={sparsity_m_by_n!r}"
+            )
+        if tuple(block_size) != (1, 1):
+            raise ValueError(
+                "`sparsity_m_by_n` and `block_size` cannot be combined: pick one structure. "
+                f"Received: block_size={tuple(block_size)}, sparsity_m_by_n={tuple(sparsity_m_by_n)}"
+            )
+
+
+def _prunable_paths(layer):
+    """Attribute paths of the weights to prune, or None if the layer type is unknown."""
+    spec = registry.lookup(layer)
+    if spec is not None:
+        return spec.prunable
+    if hasattr(layer, "get_prunable_weights"):  # TFMOT's PrunableLayer protocol
+        return None
+    return None
+
+
+def _prunable_variables(layer):
+    paths = _prunable_paths(layer)
+    if paths is None and hasattr(layer, "get_prunable_weights"):
+        return list(layer.get_prunable_weights())
+    return [registry.weight_at(layer, p) for p in (paths or ())]
+
+
+def _input_axis(layer):
+    # Grouping axis for N:M sparsity: input channels in TFLite's layout.
+    if isinstance(layer, (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)):
+        return -1
+    return -2
+
+
+class _MaskConstraint:
+    """Re-applies the mask after each optimizer step, after any user constraint."""
+
+    def __init__(self, mask, inner):
+        self.mask = mask
+        self.inner = inner
+
+    def __call__(self, w):
+        if self.inner is not None:
+            w = self.inner(w)
+        return w * ops.cast(self.mask, w.dtype)
+
+
+@keras.saving.register_keras_serializable(package="tfopt")
+class PruneLowMagnitude(keras.layers.Wrapper):
+    """Wraps a layer so that its low-magnitude weights are pruned during `fit`.
+
+    Usually created by `tfopt.prune_low_magnitude`. Training a model that holds
+    these wrappers needs the `tfopt.callbacks.UpdatePruningStep` callback.
+
+    Args:
+        layer: the layer to prune (a type in `tfopt.registry`, or one with
+            `get_prunable_weights()`).
+        pruning_schedule: a `tfopt.PruningSchedule`; default
+            ``ConstantSparsity(0.5, begin_step=0, frequency=100)``.
+        block_size: (rows, columns) of the blocks pruned together, on the
+            weight viewed as a matrix ``(-1, last_dim)``.
+        block_pooling_type: "AVG" or "MAX": how a block's magnitude is scored.
+        sparsity_m_by_n: (m, n): m zeros in every n consecutive weights along
+            the input-channel axis (e.g. (2, 4)); the schedule then only says
+            when masks update, and its sparsity value is ignored.
+        **kwargs: base layer arguments (name, ...).
+    """
+
+    def __init__(
+        self,
+        layer,
+        pruning_schedule=None,
+        block_size=(1, 1),
+        block_pooling_type="AVG",
+        sparsity_m_by_n=None,
+        **kwargs,
+    ):
+        if isinstance(layer, PruneLowMagnitude):
+            raise ValueError(
+                f"Layer {mu.describe(layer)} is already wrapped for pruning. Pass the inner layer "
+                f"(`wrapper.layer`) or use it as it is. Received: layer={layer.name!r}"
+            )
+        _check_options(pruning_schedule, block_size, block_pooling_type, sparsity_m_by_n)
+        kwargs.setdefault("name", f"prune_low_magnitude_{layer.name}")
+        super().__init__(layer, **kwargs)
+        self.pruning_schedule = pruning_schedule or ConstantSparsity(0.5, begin_step=0, frequency=100)
+        self.block_size = tuple(block_size)
+        self.block_pooling_type = block_pooling_type
+        self.sparsity_m_by_n = None if sparsity_m_by_n is None else tuple(sparsity_m_by_n)
+        self.supports_masking = getattr(layer, "supports_masking", False)
+        # Set by UpdatePruningStep while `fit` runs; checked when tracing training calls.
+        self._step_callback_attached = False
+        self._pruned = []  # [(weight variable, mask variable, threshold variable)]
+
+    def build(self, input_shape=None):
+        if not self.layer.built:
+            self.layer.build(input_shape)
+        weights = _prunable_variables(self.layer)
+        for w in weights:
+            self._check_structure(w)
+        self._pruned = []
+        for w in weights:
+            short = w.path.split("/")[-1]
+            mask = self.add_weight(
+                name=f"{short}_mask", shape=w.shape, dtype=w.dtype, initializer="ones", trainable=False
+            )
+            threshold = self.add_weight(name=f"{short}_threshold", shape=(), initializer="zeros", trainable=False)
+            self._pruned.append((w, mask, threshold))
+        self.pruning_step = self.add_weight(
+            name="pruning_step", shape=(), dtype="int64", initializer="zeros", trainable=False
+        )
+        for w, mask, _ in self._pruned:
+            w.constraint = _MaskConstraint(mask, w.constraint)
+        self.built = True
+
+    def _check_structure(self, w):
+        if self.sparsity_m_by_n is not None:
+            n = self.sparsity_m_by_n[1]
+            axis = _input_axis(self.layer) if len(w.shape) >= 2 else -1
+            if w.shape[axis] % n:
+                raise ValueError(
+                    f"Layer {mu.describe(self.layer)} cannot take {self.sparsity_m_by_n} sparsity: its weight "
+                    f"'{w.path}' has {w.shape[axis]} input channels, not a multiple of {n}. Exclude it with "
+                    f"`filters=`. Received: sparsity_m_by_n={self.sparsity_m_by_n}"
+                )
+        if self.block_size != (1, 1) and len(w.shape) < 2:
+            raise ValueError(
+                f"Layer {mu.describe(self.layer)} has a 1-D weight '{w.path}', which cannot be pruned in "
+                f"blocks. Use block_size=(1, 1) or exclude it with `filters=`. Received: block_size={self.block_size}"
+            )
+
+    def get_build_config(self):
+        return {"layer": self.layer.get_build_config()}
+
+    def build_from_config(self, config):
+        inner = config.get("layer") if config else None
+        if inner and not self.layer.built:
+            self.layer.build_from_config(inner)
+        self.build()
+
+    def call(self, inputs, *args, training=None, **kwargs):
+        if training and not self._step_callback_attached:
+            raise ValueError(
+                f"Layer {mu.describe(self)} is being trained without the pruning callback. Add "
+                "`tfopt.callbacks.UpdatePruningStep()` to `model.fit(..., callbacks=[...])`: it advances "
+                "the pruning step and applies the schedule."
+            )
+        return self.layer(inputs, *args, **kwargs)
+
+    def compute_mask(self, inputs, previous_mask=None):
+        return self.layer.compute_mask(inputs, previous_mask)
+
+    # -- masks ------------------------------------------------------------------
+
+    @property
+    def pruned_weights(self):
+        """[(weight, mask, threshold)] for each pruned weight, in build order."""
+        return list(self._pruned)
+
+    def init_masks_from_weights(self):
+        """Sets each mask to ``weight != 0``, so zeros already present stay pruned."""
+        for w, mask, _ in self._pruned:
+            mask.assign(ops.cast(ops.not_equal(w, 0), mask.dtype))
+
+    def update_masks(self, sparsity):
+        """Recomputes every mask for `sparsity` and zeroes the pruned weights.
+
+        Returns:
+            Number of weights kept (mask == 1) over all pruned weights.
+        """
+        kept = 0
+        for w, mask, threshold in self._pruned:
+            new_mask, thr, n_kept = self._compute_mask(w, mask, sparsity)
+            mask.assign(new_mask)
+            threshold.assign(thr)
+            w.assign(w * ops.cast(new_mask, w.dtype))
+            kept += n_kept
+        return kept
+
+    def _compute_mask(self, w, mask, sparsity):
+        if self.sparsity_m_by_n is not None:
+            return _m_by_n_mask(w, mask, self.sparsity_m_by_n, _input_axis(self.layer) if len(w.shape) >= 2 else -1)
+        if self.block_size != (1, 1):
+            return _block_mask(w, mask, sparsity, self.block_size, self.block_pooling_type)
+        scores = ops.where(ops.reshape(mask, (-1,)) > 0, ops.reshape(ops.abs(w), (-1,)), -1.0)
+        flat, thr, kept = _keep_top(scores, sparsity)
+        return ops.reshape(flat, w.shape), thr, kept
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "pruning_schedule": keras.saving.serialize_keras_object(self.pruning_schedule),
+                "block_size": self.block_size,
+                "block_pooling_type": self.block_pooling_type,
+                "sparsity_m_by_n": self.sparsity_m_by_n,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["pruning_schedule"] = keras.saving.deserialize_keras_object(
+            config["pruning_schedule"], custom_objects=custom_objects
+        )
+        layer = keras.saving.deserialize_keras_object(config.pop("layer"), custom_objects=custom_objects)
+        return cls(layer, **config)
+
+
+def _num_kept(size, sparsity, currently_kept):
+    # TFMOT keeps max(round(size * (1 - s)), 1); masks never grow back.
+    k = max(int(round(size * (1.0 - float(sparsity)))), 1)
+    return min(k, currently_kept)
+
+
+def _keep_top(scores, sparsity):
+    """0/1 mask (flat) keeping the largest `scores`; pruned entries score -1.
+
+    Selects with top_k of the smaller side (kept or pruned), never a full sort.
+    Returns (mask, threshold = smallest kept magnitude, number kept).
+    """
+    size = int(scores.shape[0])
+    currently_kept = int(ops.convert_to_numpy(ops.sum(ops.cast(scores >= 0, "int32"))))
+    keep = _num_kept(size, sparsity, currently_kept)
+    if keep == size:
+        return ops.ones((size,), dtype="float32"), ops.min(scores), keep
+    if keep <= size - keep:
+        values, idx = ops.top_k(scores, k=keep, sorted=False)
+        mask = ops.scatter(ops.expand_dims(idx, -1), ops.ones((keep,), "float32"), (size,))
+        threshold = ops.min(values)
+    else:
+        values, idx = ops.top_k(-scores, k=size - keep, sorted=False)
+        mask = 1.0 - ops.scatter(ops.expand_dims(idx, -1), ops.ones((size - keep,), "float32"), (size,))
+        threshold = ops.min(ops.where(mask > 0, scores, np.inf))
+    return mask, ops.maximum(threshold, 0.0), keep
+
+
+def _as_matrix(x):
+    return ops.reshape(x, (-1, x.shape[-1]))
+
+
+def _block_mask(w, mask, sparsity, block_size, pooling):
+    rows, cols = _as_matrix(w).shape
+    br, bc = block_size
+    pr, pc = -rows % br, -cols % bc
+    mag = ops.pad(ops.abs(_as_matrix(w)), ((0, pr), (0, pc)))
+    live = ops.pad(_as_matrix(mask), ((0, pr), (0, pc)))
+    nr, nc = (rows + pr) // br, (cols + pc) // bc
+    mag = ops.reshape(mag, (nr, br, nc, bc))
+    live = ops.max(ops.reshape(live, (nr, br, nc, bc)), axis=(1, 3))
+    pooled = ops.mean(mag, axis=(1, 3)) if pooling == "AVG" else ops.max(mag, axis=(1, 3))
+    scores = ops.where(live > 0, pooled, -1.0)
+    block_flat, thr, _ = _keep_top(ops.reshape(scores, (-1,)), sparsity)
+    blocks = ops.reshape(block_flat, (nr, 1, nc, 1))
+    full = ops.reshape(ops.tile(blocks, (1, br, 1, bc)), (nr * br, nc * bc))[:rows, :cols]
+    full = ops.reshape(full, w.shape)
+    return full, thr, int(ops.convert_to_numpy(ops.sum(full)))
+
+
+def _m_by_n_mask(w, mask, m_by_n, axis):
+    m, n = m_by_n
+    moved = ops.moveaxis(ops.abs(w) * ops.cast(mask, w.dtype), axis, -1)
+    moved_shape = moved.shape
+    groups = ops.reshape(moved, (-1, n))
+    _, idx = ops.top_k(groups, k=n - m, sorted=False)
+    keep = ops.sum(ops.one_hot(idx, n, dtype="float32"), axis=1)
+    full = ops.moveaxis(ops.reshape(keep, moved_shape), -1, axis)
+    kept = int(ops.convert_to_numpy(ops.sum(full)))
+    return full, ops.convert_to_tensor(0.0), kept
+
+
+# -- model transforms ------------------------------------------------------------
+
+
+def _pruned_wrappers(model):
+    # _flatten_layers also finds wrappers held as attributes of subclassed models.
+    return [l for l in model._flatten_layers(include_self=True, recursive=True) if isinstance(l, PruneLowMagnitude)]
+
+
+def prune_low_magnitude(
+    to_prune,
+    pruning_schedule=None,
+    block_size=(1, 1),
+    block_pooling_type="AVG",
+    sparsity_m_by_n=None,
+    filters=None,
+):
+    """Returns a copy of a model (or layer) whose weights get pruned during `fit`.
+
+    Every layer that has prunable weights in `tfopt.registry` is wrapped in
+    `PruneLowMagnitude` (DepthwiseConv only when selected with `filters`);
+    layers without weights and normalization layers pass through. The model
+    you pass is never modified: the result has its own copies of every layer
+    and weight. Train it with the `tfopt.callbacks.UpdatePruningStep` callback
+    (compile it first: the copy has no optimizer).
+
+    Args:
+        to_prune: a built Sequential or Functional model (nested models too),
+            or a single layer (e.g. inside a subclassed model's `__init__`).
+        pruning_schedule: a `tfopt.PruningSchedule`; default
+            ``ConstantSparsity(0.5, begin_step=0, frequency=100)``.
+        block_size: (rows, columns) pruned together; see `PruneLowMagnitude`.
+        block_pooling_type: "AVG" or "MAX".
+        sparsity_m_by_n: (m, n) structured sparsity, e.g. (2, 4).
+        filters: which layers to prune: None (every supported layer), a regex
+            on layer names, a list of regexes, or a callable ``fn(layer) -> bool``.
+
+    Returns:
+        A new model (or a `PruneLowMagnitude` layer).
+
+    Raises:
+        TypeError: `to_prune` is not a model or layer, or an option has the
+            wrong type.
+        ValueError: a subclassed or unbuilt model, a model that is already
+            pruned, a selected layer with weights tfopt does not know (all are
+            listed), or an invalid option.
+
+    Example:
+        >>> pruned = tfopt.prune_low_magnitude(
+        ...     model, tfopt.PolynomialDecay(0.0, 0.8, begin_step=0, end_step=500))
+        >>> pruned.compile("adam", "sparse_categorical_crossentropy")
+        >>> pruned.fit(x, y, callbacks=[tfopt.callbacks.UpdatePruningStep()])
+    """
+    _check_options(pruning_schedule, block_size, block_pooling_type, sparsity_m_by_n)
+    options = dict(
+        pruning_schedule=pruning_schedule,
+        block_size=block_size,
+        block_pooling_type=block_pooling_type,
+        sparsity_m_by_n=sparsity_m_by_n,
+    )
+    if isinstance(to_prune, keras.layers.Layer) and not isinstance(to_prune, keras.Model):
+        if _prunable_paths(to_prune) is None and not hasattr(to_prune, "get_prunable_weights"):
+            raise ValueError(_unsupported_message([to_prune]))
+        layer = mu.copy_layer(to_prune) if to_prune.built else to_prune
+        wrapper = PruneLowMagnitude(layer, **options)
+        if layer.built:
+            wrapper.build()
+            wrapper.init_masks_from_weights()
+        return wrapper
+
+    mu.check_model(to_prune, "to_prune", "prune_low_magnitude")
+    if _pruned_wrappers(to_prune):
+        raise ValueError(
+            f"Model {to_prune.name!r} is already wrapped for pruning. Keep training it, or call "
+            "`tfopt.strip_pruning(model)` first to prune the stripped model again."
+        )
+    selected = mu.make_filter(filters)
+    chosen, unsupported = set(), []
+    for layer in mu.all_layers(to_prune):
+        wanted = selected(layer) if selected else None
+        if wanted is False:
+            continue
+        spec = registry.lookup(layer)
+        if spec is None:
+            if hasattr(layer, "get_prunable_weights"):
+                chosen.add(id(layer))
+            elif mu.has_weights(layer):
+                unsupported.append(layer)
+            continue
+        if spec.prunable and (wanted or spec.prune_by_default):
+            chosen.add(id(layer))
+    if unsupported:
+        raise ValueError(_unsupported_message(unsupported))
+    if selected is not None and not chosen:
+        raise ValueError(
+            f"`filters` selected no prunable layer in model {to_prune.name!r}. Check the names "
+            f"(model.summary()) or the predicate. Received: filters={filters!r}"
+        )
+
+    wrappers = []
+
+    def clone_function(layer):
+        new = mu.copy_layer(layer)
+        if id(layer) in chosen:
+            new = PruneLowMagnitude(new, **options)
+            wrappers.append(new)
+        return new
+
+    pruned = mu.clone(to_prune, clone_function)
+    for w in wrappers:
+        w.init_masks_from_weights()
+    return pruned
+
+
+def _unsupported_message(layers):
+    listed = ", ".join(mu.describe(l) for l in layers)
+    first = type(layers[0]).__name__
+    return (
+        f"tfopt does not know which weights to prune in: {listed}. Either register the layer type, "
+        f"e.g. `tfopt.register_layer({first}, prunable=('kernel',))`, give it a "
+        "`get_prunable_weights()` method, or leave it dense with `filters=`, e.g. "
+        f"`filters=lambda layer: not isinstance(layer, {first})`."
+    )
+
+
+def strip_pruning(model):
+    """Returns a plain Keras model with the pruned zeros baked into the weights.
+
+    No tfopt layer is left, so the result saves, loads and converts like any
+    Keras model and predicts exactly what the pruned model predicted.
+
+    Args:
+        model: a Sequential or Functional model, pruned or not.
+
+    Returns:
+        A new model; `model` is not modified.
+
+    Example:
+        >>> final = tfopt.strip_pruning(pruned)
+        >>> final.save("pruned.keras")
+    """
+    mu.check_model(model, "model", "strip_pruning")
+
+    def clone_function(layer):
+        if not isinstance(layer, PruneLowMagnitude):
+            return mu.copy_layer(layer)
+        masks = {id(w): mask for w, mask, _ in layer.pruned_weights}
+        values = [
+            ops.convert_to_numpy(v) * ops.convert_to_numpy(masks[id(v)]) if id(v) in masks else ops.convert_to_numpy(v)
+            for v in layer.layer.weights
+        ]
+        return mu.copy_layer(layer.layer, weights=values)
+
+    return mu.clone(model, clone_function)
+
+
+class SparsityReport:
+    """Per-layer sparsity of the prunable weights of a model.
+
+    Attributes:
+        rows: list of dicts with keys name, type, weights, zeros, sparsity.
+        weights, zeros: totals over all rows.
+        sparsity: zeros / weights over all rows.
+    """
+
+    def __init__(self, rows):
+        self.rows = rows
+        self.weights = sum(r["weights"] for r in rows)
+        self.zeros = sum(r["zeros"] for r in rows)
+        self.sparsity = self.zeros / self.weights if self.weights else 0.0
+
+    def to_dict(self):
+        return {"layers": [dict(r) for r in self.rows], "weights": self.weights, "zeros": self.zeros, "sparsity": self.sparsity}
+
+    def __str__(self):
+        header = ("layer", "type", "weights", "zeros", "sparsity")
+        lines = [(r["name"], r["type"], f"{r['weights']:,}", f"{r['zeros']:,}", f"{r['sparsity']:.1%}") for r in self.rows]
+        lines.append(("total", "", f"{self.weights:,}", f"{self.zeros:,}", f"{self.sparsity:.1%}"))
+        widths = [max(len(str(x[i])) for x in [header] + lines) for i in range(5)]
+        fmt = lambda cells: "  ".join(  # noqa: E731
+            str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        )
+        rule = "-" * (sum(widths) + 8)
+        return "\n".join([fmt(header), rule] + [fmt(l) for l in lines[:-1]] + [rule, fmt(lines[-1])])
+
+    __repr__ = __str__
+
+
+def sparsity_report(model):
+    """Counts the zeros in the prunable weights of every layer of `model`.
+
+    Works on pruning models (wrapped), stripped models and plain ones; layer
+    types come from `tfopt.registry` (DepthwiseConv included).
+
+    Args:
+        model: a Keras model or layer.
+
+    Returns:
+        A `SparsityReport`: ``print(report)`` shows a table,
+        ``report.to_dict()`` gives plain data.
+    """
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(f"`model` must be a keras model or layer. Received: model={model!r}")
+    rows = []
+    layers = [model] if not isinstance(model, keras.Model) else mu.all_layers(model)
+    for layer in layers:
+        inner = layer.layer if isinstance(layer, PruneLowMagnitude) else layer
+        if isinstance(layer, keras.Model) or not inner.built:
+            continue
+        if isinstance(layer, PruneLowMagnitude):
+            weights = [w for w, _, _ in layer.pruned_weights]
+        elif registry.lookup(inner) is not None or hasattr(inner, "get_prunable_weights"):
+            weights = _prunable_variables(inner)
+        else:
+            continue
+        if not weights:
+            continue
+        size = sum(math.prod(w.shape) for w in weights)
+        zeros = sum(int(np.sum(ops.convert_to_numpy(w) == 0)) for w in weights)
+        rows.append(
+            {"name": layer.name, "type": type(inner).__name__, "weights": size, "zeros": zeros, "sparsity": zeros / size}
+        )
+    return SparsityReport(rows)
