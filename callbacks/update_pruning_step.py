@@ -47,13 +47,14 @@ class UpdatePruningStep(keras.callbacks.Callback):
         for w in self._wrappers:
             w._step_callback_attached = True
         self._steps = None
+        self._unbuilt_steps = 0
 
     def on_train_end(self, logs=None):
         for w in self._wrappers:
             w._step_callback_attached = False
 
     def _read_state(self):
-        self._steps = [int(ops.convert_to_numpy(w.pruning_step)) for w in self._wrappers]
+        self._steps = [int(ops.convert_to_numpy(w.pruning_step)) + self._unbuilt_steps for w in self._wrappers]
         self._sizes = [sum(math.prod(v.shape) for v, _, _ in w.pruned_weights) for w in self._wrappers]
         self._kept = [
             sum(int(np.sum(ops.convert_to_numpy(m))) for _, m, _ in w.pruned_weights) for w in self._wrappers
@@ -61,6 +62,11 @@ class UpdatePruningStep(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         if self._steps is None:
+            if not all(w.built for w in self._wrappers):
+                # A subclassed model builds its layers in its first train step:
+                # count the step, prune from the next one.
+                self._unbuilt_steps += 1
+                return
             self._read_state()
         for i, wrapper in enumerate(self._wrappers):
             step = self._steps[i] + 1

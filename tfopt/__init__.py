@@ -24,3 +24,13 @@ __all__ = [
     "sparsity_report",
     "strip_pruning",
 ]
+
+
+def __getattr__(name):
+    # `import tfopt` then `tfopt.callbacks...` works without the core importing
+    # its satellites up front (tflite_export pulls in TensorFlow).
+    if name in ("callbacks", "tflite_export"):
+        import importlib
+
+        return importlib.import_module(f"tfopt.{name}")
+    raise AttributeError(f"module 'tfopt' has no attribute {name!r}")
