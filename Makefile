@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/tfopt demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --durations=15
+	TFOPT_QUICK=1 $(BIN)/python -m pytest -n 2 --durations=15 --nbmake tests notebooks
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -m "not slow"
