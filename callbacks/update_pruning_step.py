@@ -1,4 +1,4 @@
-"""`UpdatePruningStep`: advances the pruning step and applies the schedule."""
+"""`UpdatePruningStep`: applies each pruning wrapper's schedule between steps."""
 
 import math
 
@@ -10,14 +10,19 @@ from tfopt.pruning import _pruned_wrappers
 
 
 class UpdatePruningStep(keras.callbacks.Callback):
-    """Advances each pruning wrapper's step and updates its masks on schedule.
+    """Updates the pruning masks when each layer's schedule says so.
 
-    Before every training batch it increments ``pruning_step`` in each
-    `tfopt.PruneLowMagnitude` layer and, when the layer's schedule says so,
-    recomputes its masks. The step lives in the model's variables, so a model
-    saved as `.keras` (or restored by `keras.callbacks.BackupAndRestore`)
-    resumes where it stopped; the step is read back at the first batch of
-    every `fit`, after other callbacks have restored state.
+    Each `tfopt.PruneLowMagnitude` layer counts its training steps in its
+    ``pruning_step`` variable (inside the train step, so a checkpoint taken at
+    any batch holds the right step). This callback reads the steps once at
+    the first batch of every `fit` (after other callbacks such as
+    `keras.callbacks.BackupAndRestore` have restored state), mirrors them in
+    Python, and before a batch whose step is on the schedule it recomputes the
+    masks. Steps in between cost nothing: no variable is read or written.
+
+    With ``steps_per_execution=N`` the callback runs once per N steps; an
+    update due inside those N steps is applied at their start, with the
+    sparsity of the last due step.
 
     The model-wide sparsity of the pruned weights is added to the logs as
     ``sparsity``, so it shows in the progress bar and in `History`.
@@ -33,9 +38,12 @@ class UpdatePruningStep(keras.callbacks.Callback):
     def __init__(self):
         super().__init__()
         self._wrappers = []
-        self._steps = None
-        self._kept = None
-        self._sizes = None
+        self._base = None  # each wrapper's step when this fit started
+        self._done = 0  # steps completed in this fit before the current epoch
+        self._last_end = -1
+        self._unbuilt_steps = 0
+        self._kept = []
+        self._sizes = []
 
     def on_train_begin(self, logs=None):
         self._wrappers = _pruned_wrappers(self.model)
@@ -46,35 +54,45 @@ class UpdatePruningStep(keras.callbacks.Callback):
             )
         for w in self._wrappers:
             w._step_callback_attached = True
-        self._steps = None
-        self._unbuilt_steps = 0
+        self._base, self._done, self._last_end, self._unbuilt_steps = None, 0, -1, 0
 
     def on_train_end(self, logs=None):
         for w in self._wrappers:
             w._step_callback_attached = False
 
-    def _read_state(self):
-        self._steps = [int(ops.convert_to_numpy(w.pruning_step)) + self._unbuilt_steps for w in self._wrappers]
+    def on_epoch_end(self, epoch, logs=None):
+        self._done += self._last_end + 1
+        self._last_end = -1
+        if logs is not None and self._base is not None:
+            logs["sparsity"] = self.sparsity
+
+    def _read_state(self, steps_so_far):
+        self._base = [int(ops.convert_to_numpy(w.pruning_step)) - steps_so_far for w in self._wrappers]
         self._sizes = [sum(math.prod(v.shape) for v, _, _ in w.pruned_weights) for w in self._wrappers]
         self._kept = [
-            sum(int(np.sum(ops.convert_to_numpy(m))) for _, m, _ in w.pruned_weights) for w in self._wrappers
+            sum(int(np.count_nonzero(ops.convert_to_numpy(m))) for _, m, _ in w.pruned_weights) for w in self._wrappers
         ]
 
     def on_train_batch_begin(self, batch, logs=None):
-        if self._steps is None:
+        done = self._done + batch  # steps of this fit completed before this batch
+        if self._base is None:
             if not all(w.built for w in self._wrappers):
                 # A subclassed model builds its layers in its first train step:
-                # count the step, prune from the next one.
-                self._unbuilt_steps += 1
+                # nothing to prune before that.
                 return
-            self._read_state()
+            self._read_state(done)
+        per_call = getattr(self.model, "steps_per_execution", 1) or 1
         for i, wrapper in enumerate(self._wrappers):
-            step = self._steps[i] + 1
-            self._steps[i] = step
-            wrapper.pruning_step.assign(step)
-            should_prune, sparsity = wrapper.pruning_schedule(step)
-            if should_prune:
-                self._kept[i] = wrapper.update_masks(sparsity)
+            first = self._base[i] + done + 1
+            due = [wrapper.pruning_schedule(s) for s in range(first, first + per_call)]
+            due = [sparsity for should_prune, sparsity in due if should_prune]
+            if due:
+                self._kept[i] = wrapper.update_masks(due[-1])
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._last_end = batch  # Keras passes the last step index of the execution
+        if logs is not None and self._base is not None:
+            logs["sparsity"] = self.sparsity
 
     @property
     def sparsity(self):
@@ -82,11 +100,3 @@ class UpdatePruningStep(keras.callbacks.Callback):
         if not self._sizes:
             return 0.0
         return 1.0 - sum(self._kept) / sum(self._sizes)
-
-    def on_train_batch_end(self, batch, logs=None):
-        if logs is not None and self._steps is not None:
-            logs["sparsity"] = self.sparsity
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None and self._steps is not None:
-            logs["sparsity"] = self.sparsity

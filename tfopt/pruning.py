@@ -5,7 +5,8 @@ weight, a 0/1 `mask` and the magnitude `threshold` of the last update. The
 masked weights are zero *in the variables* at all times:
 
 - when the schedule says so, `tfopt.callbacks.UpdatePruningStep` recomputes the
-  masks from the weight magnitudes and writes ``weight * mask`` back;
+  masks from the weight magnitudes (between steps, with an O(n) NumPy
+  selection) and writes ``weight * mask`` back;
 - after every optimizer step, the optimizer applies the weight's constraint,
   which `PruneLowMagnitude` extends with ``* mask`` (Keras 3 optimizers apply
   variable constraints in-graph on every backend).
@@ -218,6 +219,10 @@ class PruneLowMagnitude(keras.layers.Wrapper):
                 "`tfopt.callbacks.UpdatePruningStep()` to `model.fit(..., callbacks=[...])`: it advances "
                 "the pruning step and applies the schedule."
             )
+        if training:
+            # Counted in the train step itself, so a checkpoint taken at any
+            # batch holds the right step; UpdatePruningStep mirrors it in Python.
+            self.pruning_step.assign_add(1)
         return self.layer(inputs, *args, **kwargs)
 
     def compute_mask(self, inputs, previous_mask=None):
@@ -238,26 +243,31 @@ class PruneLowMagnitude(keras.layers.Wrapper):
     def update_masks(self, sparsity):
         """Recomputes every mask for `sparsity` and zeroes the pruned weights.
 
+        Runs between training steps (eagerly, in NumPy: an O(n) selection with
+        `np.argpartition`, no sort), so it costs nothing inside the train step.
+
         Returns:
             Number of weights kept (mask == 1) over all pruned weights.
         """
         kept = 0
         for w, mask, threshold in self._pruned:
-            new_mask, thr, n_kept = self._compute_mask(w, mask, sparsity)
-            mask.assign(new_mask)
+            w_np = np.asarray(ops.convert_to_numpy(w))
+            new_mask, thr = self._compute_mask(w_np, np.asarray(ops.convert_to_numpy(mask)), sparsity)
+            mask.assign(new_mask.astype(w_np.dtype))
             threshold.assign(thr)
-            w.assign(w * ops.cast(new_mask, w.dtype))
-            kept += n_kept
+            w.assign(w_np * new_mask)
+            kept += int(new_mask.sum())
         return kept
 
     def _compute_mask(self, w, mask, sparsity):
         if self.sparsity_m_by_n is not None:
-            return _m_by_n_mask(w, mask, self.sparsity_m_by_n, _input_axis(self.layer) if len(w.shape) >= 2 else -1)
+            axis = _input_axis(self.layer) if w.ndim >= 2 else -1
+            return _m_by_n_mask(w, mask, self.sparsity_m_by_n, axis), 0.0
         if self.block_size != (1, 1):
             return _block_mask(w, mask, sparsity, self.block_size, self.block_pooling_type)
-        scores = ops.where(ops.reshape(mask, (-1,)) > 0, ops.reshape(ops.abs(w), (-1,)), -1.0)
-        flat, thr, kept = _keep_top(scores, sparsity)
-        return ops.reshape(flat, w.shape), thr, kept
+        scores = np.where(mask.reshape(-1) > 0, np.abs(w).reshape(-1), -1.0)
+        flat, thr = _keep_top(scores, sparsity)
+        return flat.reshape(w.shape), thr
 
     def get_config(self):
         config = super().get_config()
@@ -288,59 +298,47 @@ def _num_kept(size, sparsity, currently_kept):
 
 
 def _keep_top(scores, sparsity):
-    """0/1 mask (flat) keeping the largest `scores`; pruned entries score -1.
+    """0/1 float mask keeping the largest `scores` (flat); pruned entries score -1.
 
-    Selects with top_k of the smaller side (kept or pruned), never a full sort.
-    Returns (mask, threshold = smallest kept magnitude, number kept).
+    `np.argpartition` selects in O(n) (no sort). Returns (mask, threshold),
+    the threshold being the smallest kept magnitude.
     """
-    size = int(scores.shape[0])
-    currently_kept = int(ops.convert_to_numpy(ops.sum(ops.cast(scores >= 0, "int32"))))
-    keep = _num_kept(size, sparsity, currently_kept)
+    size = scores.size
+    keep = _num_kept(size, sparsity, int(np.count_nonzero(scores >= 0)))
+    mask = np.zeros(size, dtype=np.float32)
     if keep == size:
-        return ops.ones((size,), dtype="float32"), ops.min(scores), keep
-    if keep <= size - keep:
-        values, idx = ops.top_k(scores, k=keep, sorted=False)
-        mask = ops.scatter(ops.expand_dims(idx, -1), ops.ones((keep,), "float32"), (size,))
-        threshold = ops.min(values)
-    else:
-        values, idx = ops.top_k(-scores, k=size - keep, sorted=False)
-        mask = 1.0 - ops.scatter(ops.expand_dims(idx, -1), ops.ones((size - keep,), "float32"), (size,))
-        threshold = ops.min(ops.where(mask > 0, scores, np.inf))
-    return mask, ops.maximum(threshold, 0.0), keep
-
-
-def _as_matrix(x):
-    return ops.reshape(x, (-1, x.shape[-1]))
+        mask[:] = 1.0
+        return mask, float(max(scores.min(), 0.0))
+    kept_idx = np.argpartition(scores, size - keep)[size - keep :]
+    mask[kept_idx] = 1.0
+    return mask, float(max(scores[kept_idx].min(), 0.0))
 
 
 def _block_mask(w, mask, sparsity, block_size, pooling):
-    rows, cols = _as_matrix(w).shape
+    matrix = np.abs(w).reshape(-1, w.shape[-1])
+    live = mask.reshape(-1, w.shape[-1])
+    rows, cols = matrix.shape
     br, bc = block_size
     pr, pc = -rows % br, -cols % bc
-    mag = ops.pad(ops.abs(_as_matrix(w)), ((0, pr), (0, pc)))
-    live = ops.pad(_as_matrix(mask), ((0, pr), (0, pc)))
+    matrix = np.pad(matrix, ((0, pr), (0, pc)))
+    live = np.pad(live, ((0, pr), (0, pc)))
     nr, nc = (rows + pr) // br, (cols + pc) // bc
-    mag = ops.reshape(mag, (nr, br, nc, bc))
-    live = ops.max(ops.reshape(live, (nr, br, nc, bc)), axis=(1, 3))
-    pooled = ops.mean(mag, axis=(1, 3)) if pooling == "AVG" else ops.max(mag, axis=(1, 3))
-    scores = ops.where(live > 0, pooled, -1.0)
-    block_flat, thr, _ = _keep_top(ops.reshape(scores, (-1,)), sparsity)
-    blocks = ops.reshape(block_flat, (nr, 1, nc, 1))
-    full = ops.reshape(ops.tile(blocks, (1, br, 1, bc)), (nr * br, nc * bc))[:rows, :cols]
-    full = ops.reshape(full, w.shape)
-    return full, thr, int(ops.convert_to_numpy(ops.sum(full)))
+    blocks = matrix.reshape(nr, br, nc, bc)
+    pooled = blocks.mean(axis=(1, 3)) if pooling == "AVG" else blocks.max(axis=(1, 3))
+    alive = live.reshape(nr, br, nc, bc).max(axis=(1, 3)) > 0
+    block_mask, thr = _keep_top(np.where(alive, pooled, -1.0).reshape(-1), sparsity)
+    full = np.repeat(np.repeat(block_mask.reshape(nr, nc), br, axis=0), bc, axis=1)[:rows, :cols]
+    return full.reshape(w.shape), thr
 
 
 def _m_by_n_mask(w, mask, m_by_n, axis):
     m, n = m_by_n
-    moved = ops.moveaxis(ops.abs(w) * ops.cast(mask, w.dtype), axis, -1)
-    moved_shape = moved.shape
-    groups = ops.reshape(moved, (-1, n))
-    _, idx = ops.top_k(groups, k=n - m, sorted=False)
-    keep = ops.sum(ops.one_hot(idx, n, dtype="float32"), axis=1)
-    full = ops.moveaxis(ops.reshape(keep, moved_shape), -1, axis)
-    kept = int(ops.convert_to_numpy(ops.sum(full)))
-    return full, ops.convert_to_tensor(0.0), kept
+    moved = np.moveaxis(np.abs(w) * mask, axis, -1)
+    groups = moved.reshape(-1, n)
+    keep_idx = np.argpartition(-groups, n - m - 1, axis=1)[:, : n - m]
+    keep = np.zeros_like(groups, dtype=np.float32)
+    np.put_along_axis(keep, keep_idx, 1.0, axis=1)
+    return np.moveaxis(keep.reshape(moved.shape), -1, axis)
 
 
 # -- model transforms ------------------------------------------------------------
