@@ -1,0 +1,129 @@
+"""Bad input to tfopt.tflite_export: clear errors before anything is converted or written."""
+
+import argparse
+
+import keras
+import numpy as np
+import pytest
+from _export_fixtures import INPUT_SHAPE, rep_data, tiny_model
+
+from tfopt import tflite_export as te
+from tfopt.tflite_export import _cli
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"target": "coral"}, r"Unknown target 'coral'. Choose one of 'mobile', 'edgetpu', 'micro'"),
+        ({"mode": "int4"}, r"Unknown mode 'int4'. Choose one of 'int8', 'float16', 'dynamic', 'float32', 'int16x8'"),
+        ({"target": "edgetpu", "mode": "float16"}, r"integer models only.*Received: mode='float16'"),
+        ({"target": "edgetpu", "io_dtype": "float32"}, r"choose one of 'int8', 'uint8'"),
+        ({"mode": "float32", "io_dtype": "int8"}, r"io_dtype='int8' is not possible"),
+        ({"max_samples": 0}, r"positive int.*max_samples=0"),
+    ],
+    ids=["target", "mode", "edgetpu-float", "edgetpu-float-io", "float-int8-io", "max-samples"],
+)
+def test_bad_arguments_name_the_choices(tiny, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        te.convert(tiny, representative_data=rep_data(4), **kwargs)
+
+
+def test_strict_must_be_bool(tiny):
+    with pytest.raises(TypeError, match="strict=1"):
+        te.convert(tiny, representative_data=rep_data(4), strict=1)
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (np.zeros((4, 8, 8, 1), np.float32), r"shape \(batch, 8, 8, 3\).*Received: representative_data.shape=\(4, 8, 8, 1\)"),
+        (np.zeros((4, 64), np.float32), r"Received: representative_data.shape=\(4, 64\)"),
+        (np.zeros((4, *INPUT_SHAPE), np.uint8), r"must hold float32.*astype\('float32'\).*dtype=uint8"),
+        (np.array([["a"]]), r"must hold float32"),
+        (np.zeros((0, *INPUT_SHAPE), np.float32), r"is empty.*0 samples"),
+        ([], r"is empty"),
+        (np.full((3, *INPUT_SHAPE), np.nan, np.float32), r"NaN or inf in 3 sample\(s\) \(first: index 0\)"),
+        (np.where(np.arange(4)[:, None, None, None] == 2, np.inf, rep_data(4)).astype(np.float32), r"first: index 2"),
+    ],
+    ids=["channels", "rank", "uint8", "strings", "empty", "empty-list", "nan", "inf"],
+)
+def test_bad_representative_data(tiny, data, match):
+    with pytest.raises(ValueError, match=match):
+        te.convert(tiny, representative_data=data)
+
+
+def test_representative_data_of_wrong_type(tiny):
+    with pytest.raises(TypeError, match="numpy array, a tf.data.Dataset, or a generator"):
+        te.convert(tiny, representative_data=42)
+
+
+def test_int8_float_model_without_representative_data(tiny):
+    with pytest.raises(ValueError, match=r"needs representative_data.*Received: representative_data=None"):
+        te.convert(tiny)
+
+
+def test_nan_weights_name_the_variable():
+    model = tiny_model()
+    w = model.get_layer("dw").weights[0]
+    w.assign(np.full(w.shape, np.nan, np.float32))
+    with pytest.raises(ValueError, match=r"NaN or inf weights in: 'dw/.*kernel'"):
+        te.convert(model, representative_data=rep_data(4))
+
+
+def test_paths_that_are_not_models(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No model at this path"):
+        te.convert(str(tmp_path / "nope.keras"))
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match=r"Not a model file.*notes.txt"):
+        te.convert(str(tmp_path / "notes.txt"))
+    (tmp_path / "broken.keras").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match=r"Could not load a Keras model.*broken.keras"):
+        te.convert(str(tmp_path / "broken.keras"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not a SavedModel"):
+        te.convert(str(tmp_path / "empty"))
+    (tmp_path / "m.tflite").write_bytes(b"x")
+    with pytest.raises(ValueError, match="already a .tflite"):
+        te.convert(str(tmp_path / "m.tflite"))
+    with pytest.raises(TypeError, match="must be a keras Model"):
+        te.convert(np.zeros(3))
+    with pytest.raises(TypeError, match="wrap the layer"):
+        te.convert(keras.layers.Dense(3))
+
+
+def test_bytes_that_are_not_a_tflite():
+    with pytest.raises(te.TFLiteFileError, match=r"identifier b'TFL3'"):
+        te.TFLiteModel(b"\x00" * 64)
+    with pytest.raises(te.TFLiteFileError, match="b'TFL3'"):
+        te.analyze(b"PK\x03\x04 definitely a zip")
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="tfopt")
+    _cli.add_subcommands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_cli_convert_writes_nothing_on_failure(tmp_path, tiny):
+    tiny.save(tmp_path / "m.keras")
+    np.save(tmp_path / "bad.npy", np.zeros((4, 5, 5, 3), np.float32))
+    out = tmp_path / "out.tflite"
+    args = _parser().parse_args(
+        ["convert", str(tmp_path / "m.keras"), "--rep-data", str(tmp_path / "bad.npy"), "-o", str(out), "--quiet"]
+    )
+    with pytest.raises(ValueError, match="shape"):
+        args.func(args)
+    assert not out.exists()
+    args = _parser().parse_args(["convert", str(tmp_path / "m.keras"), "-o", str(tmp_path / "x.bin")])
+    with pytest.raises(ValueError, match="must end with .tflite"):
+        args.func(args)
+    args = _parser().parse_args(["convert", str(tmp_path / "m.keras"), "--rep-data", "nope.npy", "-o", str(out)])
+    with pytest.raises(FileNotFoundError, match="nope.npy"):
+        args.func(args)
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["convert", "m.keras", "-o", "o.tflite", "--target", "coral"])

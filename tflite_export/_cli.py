@@ -1,0 +1,117 @@
+"""The `tfopt convert | inspect | bench` subcommands (wired into `tfopt/cli.py` by `add_subcommands`)."""
+
+import json
+import os
+
+import numpy as np
+
+
+def add_subcommands(subparsers):
+    """Registers `convert`, `inspect` and `bench` on an argparse subparsers object.
+
+    Each sets `func(args) -> int` (the exit code). Bad input raises ValueError / TypeError /
+    FileNotFoundError with a one-line message, which the caller prints (exit code 2).
+    """
+    from tfopt.tflite_export.converter import MODES, TARGETS
+
+    p = subparsers.add_parser("convert", help="convert a .keras model or SavedModel to a verified .tflite")
+    p.add_argument("model", help="a .keras file or a SavedModel directory")
+    p.add_argument("-o", "--output", required=True, help="the .tflite file to write")
+    p.add_argument("--target", default="mobile", choices=TARGETS)
+    p.add_argument("--mode", default="int8", choices=MODES)
+    p.add_argument("--io-dtype", default=None, choices=("int8", "uint8", "int16", "float32"))
+    p.add_argument("--rep-data", default=None, help="calibration inputs: a .npy file (N, ...) or .npz (first array)")
+    p.add_argument("--max-samples", type=int, default=300, help="calibration sample cap (default 300)")
+    p.add_argument("--no-strict", action="store_true", help="warn instead of failing on unmapped/float ops")
+    p.add_argument("--c-array", default=None, metavar="STEM", help="also write STEM.h / STEM.cc (micro firmware)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_convert)
+
+    p = subparsers.add_parser("inspect", help="analyze a .tflite: ops, dtypes, float leaks, sizes")
+    p.add_argument("file", help="a .tflite file")
+    p.add_argument("--edgetpu", action="store_true", help="add the Edge TPU per-op report")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(func=_inspect)
+
+    p = subparsers.add_parser("bench", help="median LiteRT latency of a .tflite (XNNPACK)")
+    p.add_argument("file", help="a .tflite file")
+    p.add_argument("--runs", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_bench)
+    return subparsers
+
+
+def _load_array(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No representative data file at this path. Received: --rep-data={path!r}")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise ValueError(
+            f"Could not read --rep-data as a .npy/.npz array ({type(e).__name__}). Save it with np.save. "
+            f"Received: --rep-data={path!r}"
+        ) from None
+    if isinstance(data, np.lib.npyio.NpzFile):
+        with data:
+            if not data.files:
+                raise ValueError(f"The .npz file holds no array. Received: --rep-data={path!r}")
+            return data[data.files[0]]
+    return data
+
+
+def _convert(args):
+    from tfopt.tflite_export.converter import convert
+
+    if not args.output.endswith(".tflite"):
+        raise ValueError(f"The output file must end with .tflite. Received: -o {args.output!r}")
+    rep = _load_array(args.rep_data) if args.rep_data else None
+    tfl = convert(
+        args.model,
+        target=args.target,
+        mode=args.mode,
+        representative_data=rep,
+        io_dtype=args.io_dtype,
+        strict=not args.no_strict,
+        max_samples=args.max_samples,
+        quiet=args.quiet,
+    )
+    tfl.save(args.output)
+    if args.c_array:
+        tfl.save_c_array(args.c_array)
+    print(tfl.report)
+    if tfl.edgetpu is not None:
+        print()
+        print(tfl.edgetpu)
+    if tfl.arena_bytes is not None:
+        print(f"\nTFLite Micro arena: {tfl.arena_bytes:,} bytes")
+    print(f"\nWrote {args.output} ({len(tfl.content):,} bytes) in {tfl.conversion_seconds:.1f} s")
+    return 0
+
+
+def _inspect(args):
+    from tfopt.tflite_export.analysis import analyze
+    from tfopt.tflite_export.edgetpu import edgetpu_report
+
+    report = analyze(args.file)
+    tpu = edgetpu_report(args.file) if args.edgetpu else None
+    if args.json:
+        out = {"analysis": report.to_dict()}
+        if tpu is not None:
+            out["edgetpu"] = tpu.to_dict()
+        print(json.dumps(out, indent=2))
+    else:
+        print(report)
+        if tpu is not None:
+            print()
+            print(tpu)
+    return 0
+
+
+def _bench(args):
+    from tfopt.tflite_export.runtime import benchmark
+
+    result = benchmark(args.file, runs=args.runs, warmup=args.warmup, threads=args.threads)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else f"{args.file}: {result}")
+    return 0

@@ -1,0 +1,310 @@
+"""A light, fast, read-only view of a `.tflite` flatbuffer.
+
+Reads with the schema that ships in ai-edge-litert (`ai_edge_litert.schema_py_generated`) through its
+accessor API, not the object API (`ModelT`): unpacking every buffer into Python lists is what makes the
+object API slow on big models, while `DataAsNumpy()` is a zero-copy view. Only the first subgraph's
+operators are walked by the analyses; the others are counted (control flow).
+"""
+
+import dataclasses
+import os
+
+import numpy as np
+from ai_edge_litert import schema_py_generated as _schema
+
+from tfopt.tflite_export._errors import TFLiteFileError
+
+_FILE_IDENTIFIER = b"TFL3"
+
+
+def _enum_names(cls):
+    return {v: k for k, v in vars(cls).items() if not k.startswith("_") and isinstance(v, int)}
+
+
+OP_NAMES = _enum_names(_schema.BuiltinOperator)
+TYPE_NAMES = {k: v.lower() for k, v in _enum_names(_schema.TensorType).items()}
+_OPTION_NAMES = _enum_names(_schema.BuiltinOptions)
+_ACTIVATIONS = _enum_names(_schema.ActivationFunctionType)
+
+# Storage dtype of each TFLite tensor type (None: not representable in numpy).
+NUMPY_DTYPES = {
+    "float32": np.float32,
+    "float16": np.float16,
+    "float64": np.float64,
+    "int32": np.int32,
+    "uint8": np.uint8,
+    "int64": np.int64,
+    "bool": np.bool_,
+    "int16": np.int16,
+    "int8": np.int8,
+    "uint16": np.uint16,
+    "uint32": np.uint32,
+    "uint64": np.uint64,
+}
+
+
+@dataclasses.dataclass
+class Tensor:
+    """One tensor of a subgraph (shape_signature is None when the file stores none: fully static)."""
+
+    index: int
+    name: str
+    dtype: str
+    shape: tuple
+    shape_signature: tuple
+    buffer: int
+    is_constant: bool
+    is_variable: bool
+    is_sparse: bool
+    scales: np.ndarray
+    zero_points: np.ndarray
+    quantized_dimension: int
+
+    @property
+    def is_dynamic(self):
+        return self.shape_signature is not None and any(d < 0 for d in self.shape_signature)
+
+    @property
+    def num_elements(self):
+        return int(np.prod(self.shape)) if len(self.shape) else 1
+
+    @property
+    def quantized(self):
+        return self.scales.size > 0
+
+
+@dataclasses.dataclass
+class Operator:
+    """One operator: its builtin name (custom code for CUSTOM), version, tensor indices and options."""
+
+    index: int
+    name: str
+    version: int
+    inputs: tuple
+    outputs: tuple
+    options: object
+    custom_code: str
+
+    def option(self, getter, default=None):
+        """Reads one field of the builtin options table (`default` when the op has no options)."""
+        if self.options is None:
+            return default
+        return getattr(self.options, getter)()
+
+    @property
+    def fused_activation(self):
+        if self.options is None or not hasattr(self.options, "FusedActivationFunction"):
+            return "NONE"
+        return _ACTIVATIONS.get(self.options.FusedActivationFunction(), "NONE")
+
+
+@dataclasses.dataclass
+class Subgraph:
+    tensors: list
+    operators: list
+    inputs: tuple
+    outputs: tuple
+    name: str
+
+
+class FlatModel:
+    """The parsed model: subgraphs, op codes, metadata and lazy buffer access."""
+
+    def __init__(self, content):
+        self.content = content
+        self._model = _schema.Model.GetRootAs(content, 0)
+        m = self._model
+        self.schema_version = m.Version()
+        self.description = _str(m.Description())
+        self.op_codes = []
+        for i in range(m.OperatorCodesLength()):
+            oc = m.OperatorCodes(i)
+            # Schema v3a keeps the old int8 field for codes < 127 and the int32 field for all.
+            code = max(oc.BuiltinCode(), oc.DeprecatedBuiltinCode())
+            name = OP_NAMES.get(code, f"BUILTIN_{code}")
+            self.op_codes.append((name, oc.Version(), _str(oc.CustomCode())))
+        self.metadata = {}
+        for i in range(m.MetadataLength()):
+            md = m.Metadata(i)
+            self.metadata[_str(md.Name())] = md.Buffer()
+        self.subgraphs = [self._read_subgraph(m.Subgraphs(i)) for i in range(m.SubgraphsLength())]
+
+    def _read_subgraph(self, sg):
+        tensors = [self._read_tensor(sg.Tensors(i), i) for i in range(sg.TensorsLength())]
+        ops = []
+        for i in range(sg.OperatorsLength()):
+            op = sg.Operators(i)
+            name, version, custom = self.op_codes[op.OpcodeIndex()]
+            ops.append(
+                Operator(
+                    index=i,
+                    name=name,
+                    version=version,
+                    inputs=tuple(int(t) for t in _ints(op.InputsAsNumpy())),
+                    outputs=tuple(int(t) for t in _ints(op.OutputsAsNumpy())),
+                    options=_options(op),
+                    custom_code=custom,
+                )
+            )
+        return Subgraph(
+            tensors=tensors,
+            operators=ops,
+            inputs=tuple(int(t) for t in _ints(sg.InputsAsNumpy())),
+            outputs=tuple(int(t) for t in _ints(sg.OutputsAsNumpy())),
+            name=_str(sg.Name()),
+        )
+
+    def _read_tensor(self, t, index):
+        q = t.Quantization()
+        if q is not None and not q.ScaleIsNone():
+            scales = q.ScaleAsNumpy().astype(np.float64)
+            zps = q.ZeroPointAsNumpy() if not q.ZeroPointIsNone() else np.zeros(scales.shape, np.int64)
+            qdim = q.QuantizedDimension()
+        else:
+            scales, zps, qdim = np.zeros(0), np.zeros(0, np.int64), 0
+        buf = t.Buffer()
+        return Tensor(
+            index=index,
+            name=_str(t.Name()),
+            dtype=TYPE_NAMES.get(t.Type(), f"type{t.Type()}"),
+            shape=tuple(int(d) for d in _ints(t.ShapeAsNumpy())),
+            shape_signature=None
+            if t.ShapeSignatureIsNone()
+            else tuple(int(d) for d in _ints(t.ShapeSignatureAsNumpy())),
+            buffer=buf,
+            is_constant=self.buffer_size(buf) > 0,
+            is_variable=bool(t.IsVariable()),
+            is_sparse=t.Sparsity() is not None,
+            scales=scales,
+            zero_points=np.asarray(zps, np.int64),
+            quantized_dimension=qdim,
+        )
+
+    def buffer_size(self, index):
+        if index <= 0 or index >= self._model.BuffersLength():
+            return 0
+        b = self._model.Buffers(index)
+        if b.Offset() > 1:  # Models over 2 GB keep buffers after the flatbuffer.
+            return int(b.Size())
+        return b.DataLength()
+
+    def buffer_data(self, index):
+        """The raw bytes of buffer `index` as a uint8 numpy view (empty if none)."""
+        if index <= 0 or index >= self._model.BuffersLength():
+            return np.zeros(0, np.uint8)
+        b = self._model.Buffers(index)
+        if b.Offset() > 1:
+            return np.frombuffer(self.content, np.uint8, count=b.Size(), offset=b.Offset())
+        if b.DataLength() == 0:
+            return np.zeros(0, np.uint8)
+        return b.DataAsNumpy()
+
+    def tensor_value(self, tensor):
+        """The constant value of `tensor` as a numpy array (None if not constant or not numeric)."""
+        if not tensor.is_constant or tensor.is_sparse:
+            return None
+        dtype = NUMPY_DTYPES.get(tensor.dtype)
+        if dtype is None:
+            return None
+        data = self.buffer_data(tensor.buffer)
+        arr = np.frombuffer(data.tobytes() if not data.flags.c_contiguous else data, dtype)
+        if arr.size != tensor.num_elements:
+            return arr
+        return arr.reshape(tensor.shape)
+
+    def metadata_string(self, key):
+        if key not in self.metadata:
+            return None
+        return bytes(self.buffer_data(self.metadata[key])).split(b"\0")[0].decode("utf-8", "replace")
+
+
+def _ints(x):
+    # Flatbuffers' *AsNumpy returns the int 0 when the vector is absent.
+    return x if isinstance(x, np.ndarray) else ()
+
+
+def _str(b):
+    return b.decode("utf-8", "replace") if isinstance(b, bytes) else (b or "")
+
+
+def _options(op):
+    kind = op.BuiltinOptionsType()
+    table = op.BuiltinOptions()
+    if not kind or table is None:
+        return None
+    cls = getattr(_schema, _OPTION_NAMES.get(kind, ""), None)
+    if cls is None:
+        return None
+    opts = cls()
+    opts.Init(table.Bytes, table.Pos)
+    return opts
+
+
+def read_bytes(tflite, arg_name="tflite"):
+    """Bytes of a `.tflite` given as bytes, a path, or anything with a `.content` (a TFLiteModel)."""
+    if hasattr(tflite, "content") and isinstance(tflite.content, (bytes, bytearray)):
+        content = bytes(tflite.content)
+        source = "TFLiteModel"
+    elif isinstance(tflite, (bytes, bytearray, memoryview)):
+        content = bytes(tflite)
+        source = f"<{len(content)} bytes>"
+    elif isinstance(tflite, (str, os.PathLike)):
+        path = os.fspath(tflite)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"No .tflite file at this path. Pass the path of an existing file, its bytes or a "
+                f"TFLiteModel. Received: {arg_name}={path!r}"
+            )
+        if os.path.isdir(path):
+            raise TFLiteFileError(
+                f"Expected a .tflite file but got a directory (a SavedModel?). Convert it first with "
+                f"`tfopt.tflite_export.convert(...)`. Received: {arg_name}={path!r}"
+            )
+        with open(path, "rb") as f:
+            content = f.read()
+        source = path
+    else:
+        raise TypeError(
+            f"`{arg_name}` must be the bytes of a .tflite model, a path to one, or a TFLiteModel. "
+            f"Received: {arg_name}={tflite!r} of type {type(tflite).__name__}"
+        )
+    check_identifier(content, f"{arg_name}={source!r}")
+    return content
+
+
+def check_identifier(content, received):
+    if len(content) < 8 or content[4:8] != _FILE_IDENTIFIER:
+        head = bytes(content[:8])
+        raise TFLiteFileError(
+            "Not a TFLite flatbuffer: a .tflite file carries the identifier b'TFL3' at bytes 4-8, "
+            f"this one starts with {head!r}. Pass a file written by the TFLite converter or "
+            f"`tfopt.tflite_export.convert`. Received: {received}"
+        )
+
+
+def parse(tflite, arg_name="tflite"):
+    """A `FlatModel` from bytes, a path or a TFLiteModel; clear errors for anything else."""
+    content = read_bytes(tflite, arg_name)
+    try:
+        model = FlatModel(content)
+    except Exception as e:  # A corrupt table surfaces as any of struct/Index/Type errors.
+        raise TFLiteFileError(
+            f"The .tflite flatbuffer is corrupt or truncated ({type(e).__name__}: {e}). Re-export the "
+            f"model. Received: {arg_name}=<{len(content)} bytes>"
+        ) from None
+    if not model.subgraphs:
+        raise TFLiteFileError(f"The .tflite model has no subgraph. Received: {arg_name}=<{len(content)} bytes>")
+    return model
+
+
+def layer_of(tensor_name):
+    """Best guess of the Keras layer that produced a tensor, from TF's name scope `model/layer/op`.
+
+    Fused tensors join several names with ';' (e.g. 'm/re_lu/Relu6;m/conv2d/convolution'); the
+    last one is the op that created the value, so it names the originating layer.
+    """
+    parts = [p for p in tensor_name.split(";") if "/" in p]
+    if not parts:
+        return None
+    scopes = parts[-1].split("/")
+    return scopes[1] if len(scopes) > 2 else scopes[0]

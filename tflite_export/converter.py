@@ -1,0 +1,771 @@
+"""`convert`: Keras 3 model -> a verified `.tflite` for phones (LiteRT), Coral Edge TPU or microcontrollers.
+
+The route: `keras.export.ExportArchive` with one endpoint, `model(x, training=False)` traced on a
+static batch-1 `TensorSpec`, written as a SavedModel to a temporary directory, then
+`tf.lite.TFLiteConverter.from_saved_model`. That is what `TFLiteConverter.from_keras_model` itself
+does for Keras 3 (so it costs the same), minus its dynamic batch: Keras inputs default to a `None`
+batch, which gives `-1` shape signatures (the Edge TPU compiler rejects them) and SHAPE /
+STRIDED_SLICE / PACK int32 ops around Flatten. Traps avoided on purpose:
+
+- `from_concrete_functions([cf], trackable_obj=model)` silently drops Keras 3 weights (NaN model).
+- `model.export(format="litert")` defaults to `SELECT_TF_OPS` (Flex ops no runtime here has).
+- `supported_ops=[TFLITE_BUILTINS_INT8]` demands a representative dataset even for QAT graphs, so
+  the QAT path only sets `optimizations=[DEFAULT]` and the int8 I/O types.
+- `Optimize.EXPERIMENTAL_SPARSITY` is never set: int8 sparse tensors (DENSIFY) make XNNPACK fail to
+  prepare in ai-edge-litert 2.3.0, and XNNPACK's sparse inference is float-only and gave no speedup
+  on x86. Pruned weights still pay off in the compressed size, which `analyze` reports.
+
+After every conversion the result is checked (I/O dtypes, every tensor integer, no float QUANTIZE /
+DEQUANTIZE inside the graph, static batch 1, outputs finite on LiteRT), and the targets add their
+own checks: the Edge TPU report (strict: every op maps) and a TFLite Micro run in a subprocess.
+"""
+
+import contextlib
+import functools
+import os
+import re
+import shutil
+import tempfile
+import time
+import warnings
+
+import numpy as np
+
+from tfopt.tflite_export import _flatbuffer, analysis as _analyze, edgetpu as _edgetpu, micro as _micro
+from tfopt.tflite_export import runtime as _runtime
+from tfopt.tflite_export._errors import ConversionError, EdgeTPUError, MicroError
+from tfopt.tflite_export._io import atomic_write
+
+TARGETS = ("mobile", "edgetpu", "micro")
+MODES = ("int8", "float16", "dynamic", "float32", "int16x8")
+IO_DTYPES = ("int8", "uint8", "int16", "float32")
+DEFAULT_MAX_SAMPLES = 300
+MICRO_CHECK_SAMPLES = 16
+
+_FAKE_QUANT_OPS = (
+    "FakeQuantWithMinMaxVars",
+    "FakeQuantWithMinMaxVarsPerChannel",
+    "FakeQuantWithMinMaxArgs",
+    "QuantizeAndDequantizeV2",
+    "QuantizeAndDequantizeV3",
+    "QuantizeAndDequantizeV4",
+)
+
+
+def _tf():
+    import tensorflow as tf  # the only place in tfopt that imports TF; heavy, so only when converting
+
+    return tf
+
+
+class TFLiteModel:
+    """A converted `.tflite` model: its bytes, what is inside, and ways to run it.
+
+    Attributes:
+        content: the flatbuffer (bytes).
+        report: `analyze(content)`: ops, dtypes, sizes, I/O quantization.
+        edgetpu: the `EdgeTPUReport` (target "edgetpu"), else None.
+        micro: the `MicroResult` of the TFLite Micro run (target "micro"), else None.
+        arena_bytes: the smallest TFLM tensor arena that runs the model (target "micro"), else None.
+        target, mode, io_dtype: what was asked; conversion_seconds: wall time of `convert`.
+    """
+
+    def __init__(self, content, *, target=None, mode=None, io_dtype=None, edgetpu=None, micro=None,
+                 conversion_seconds=None, report=None):
+        _flatbuffer.check_identifier(content, f"content=<{len(content)} bytes>")
+        self.content = bytes(content)
+        self.target = target
+        self.mode = mode
+        self.io_dtype = io_dtype
+        self.edgetpu = edgetpu
+        self.micro = micro
+        self.conversion_seconds = conversion_seconds
+        self._report = report
+        self._runner = None
+
+    @classmethod
+    def load(cls, path):
+        """A `TFLiteModel` for an existing `.tflite` file (any origin)."""
+        return cls(_flatbuffer.read_bytes(path, "path"))
+
+    @property
+    def arena_bytes(self):
+        return None if self.micro is None else self.micro.arena_bytes
+
+    @property
+    def report(self):
+        if self._report is None:
+            self._report = _analyze.analyze(self.content)
+        return self._report
+
+    def __len__(self):
+        return len(self.content)
+
+    def __repr__(self):
+        return f"<TFLiteModel {len(self.content):,} B target={self.target} mode={self.mode} io={self.io_dtype}>"
+
+    def save(self, path):
+        """Writes the model to `path` atomically (temp file in the same directory, then rename).
+
+        Returns:
+            The path written.
+        """
+        return atomic_write(path, self.content)
+
+    def save_c_array(self, path_stem, var_name="g_model"):
+        """Writes `<path_stem>.h` and `<path_stem>.cc` with the model as a 16-byte aligned C array.
+
+        Example:
+            >>> tfl.save_c_array("firmware/model_data", var_name="g_model")
+        """
+        return _micro.save_c_array(self.content, path_stem, var_name)
+
+    def _get_runner(self):
+        if self._runner is None:
+            self._runner = _runtime.Runner(self.content)
+        return self._runner
+
+    def predict(self, x):
+        """Float inputs (batch first) -> float outputs, on LiteRT.
+
+        Quantizes inputs and dequantizes outputs with the I/O tensors' parameters; a static batch-1
+        model runs sample by sample, so any batch size works.
+        """
+        return self._get_runner().predict(x)
+
+    def evaluate(self, x, y):
+        """Classification accuracy on LiteRT; `y` holds integer labels or one-hot rows."""
+        return _runtime.accuracy(self.predict(x), y)
+
+    def benchmark(self, runs=100, warmup=10, threads=1, kernels="xnnpack"):
+        """Median LiteRT latency (see `tfopt.tflite_export.benchmark`)."""
+        return _runtime.benchmark(self.content, runs=runs, warmup=warmup, threads=threads, kernels=kernels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments and model loading
+
+
+def _check_args(target, mode, io_dtype, strict, max_samples):
+    if target not in TARGETS:
+        raise ValueError(
+            f"Unknown target {target!r}. Choose one of {', '.join(repr(t) for t in TARGETS)}. Received: target={target!r}"
+        )
+    if mode not in MODES:
+        raise ValueError(
+            f"Unknown mode {mode!r}. Choose one of {', '.join(repr(m) for m in MODES)}. Received: mode={mode!r}"
+        )
+    if target in ("edgetpu", "micro") and mode != "int8":
+        raise ValueError(
+            f"target={target!r} runs integer models only: use mode='int8' (the default). Received: mode={mode!r}"
+        )
+    if not isinstance(strict, bool):
+        raise TypeError(f"`strict` must be True or False. Received: strict={strict!r}")
+    if not isinstance(max_samples, int) or isinstance(max_samples, bool) or max_samples < 1:
+        raise ValueError(f"`max_samples` must be a positive int. Received: max_samples={max_samples!r}")
+    if io_dtype is None:
+        io_dtype = "float32" if mode not in ("int8",) else "int8"
+    if not isinstance(io_dtype, str):  # np.int8, tf.int8, ...
+        try:
+            io_dtype = np.dtype(getattr(io_dtype, "as_numpy_dtype", io_dtype)).name
+        except TypeError:
+            raise TypeError(
+                f"`io_dtype` must be one of {', '.join(repr(d) for d in IO_DTYPES)}. Received: io_dtype={io_dtype!r}"
+            ) from None
+    allowed = {
+        "int8": ("int8", "uint8", "float32"),
+        "int16x8": ("int16", "float32"),
+    }.get(mode, ("float32",))
+    if target == "edgetpu":
+        allowed = ("int8", "uint8")
+    if io_dtype not in allowed:
+        raise ValueError(
+            f"io_dtype={io_dtype!r} is not possible with target={target!r}, mode={mode!r}: choose one of "
+            f"{', '.join(repr(a) for a in allowed)}. Received: io_dtype={io_dtype!r}"
+        )
+    return io_dtype
+
+
+def _load_model(model):
+    """(keras model or None, SavedModel dir or None) from a model, a .keras path or a SavedModel dir."""
+    import keras
+
+    if isinstance(model, keras.Model):
+        return model, None
+    if isinstance(model, keras.layers.Layer):
+        raise TypeError(
+            "`model` must be a keras Model (wrap the layer: `keras.Sequential([keras.Input(shape), layer])`). "
+            f"Received: model={model.name!r} of type {type(model).__name__}"
+        )
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(
+            "`model` must be a keras Model, a path to a `.keras` file or a SavedModel directory. "
+            f"Received: model={model!r} of type {type(model).__name__}"
+        )
+    path = os.fspath(model)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"No model at this path. Pass a keras Model, a `.keras` file or a SavedModel directory. Received: model={path!r}"
+        )
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "saved_model.pb")):
+            return None, path
+        raise ValueError(
+            "This directory is not a SavedModel (it has no saved_model.pb). Pass a SavedModel directory, a "
+            f"`.keras` file or a keras Model. Received: model={path!r}"
+        )
+    if path.endswith(".tflite"):
+        raise ValueError(
+            "This is already a .tflite file; inspect it with `tfopt.tflite_export.analyze` or load it with "
+            f"`TFLiteModel.load`. Received: model={path!r}"
+        )
+    if not path.endswith((".keras", ".h5", ".hdf5")):
+        raise ValueError(
+            f"Not a model file: expected a `.keras` file or a SavedModel directory. Received: model={path!r}"
+        )
+    import tfopt  # registers tfopt's serializable layers before loading
+
+    del tfopt
+    try:
+        return keras.saving.load_model(path, compile=False), None
+    except Exception as e:  # zip / h5 / config errors all mean "cannot read this file as a model"
+        raise ValueError(
+            f"Could not load a Keras model from this file ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            f"Save it with `model.save('model.keras')`. Received: model={path!r}"
+        ) from None
+
+
+def _strip_pruning(model):
+    import tfopt
+
+    wrapper = getattr(tfopt, "PruneLowMagnitude", None)
+    strip = getattr(tfopt, "strip_pruning", None)
+    if wrapper is None or strip is None:
+        return model
+    if any(isinstance(layer, wrapper) for layer in model._flatten_layers()):
+        return strip(model)
+    return model
+
+
+def _check_weights(model):
+    bad = []
+    for w in model.weights:
+        v = np.asarray(w.numpy() if hasattr(w, "numpy") else w)
+        if v.dtype.kind == "f" and not np.all(np.isfinite(v)):
+            bad.append(repr(w.path))
+    if bad:
+        raise ValueError(
+            f"The model has NaN or inf weights in: {', '.join(bad)}. Check the training (learning rate, "
+            f"loss) or reload good weights before converting. Received: model={model.name!r}"
+        )
+
+
+def _input_spec(model, has_data):
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        inputs = None
+    if not inputs:
+        if has_data:  # subclassed model: the representative samples give the input shape
+            return None, "float32", "input"
+        raise ValueError(
+            "The model has no known input shape (a subclassed model?): pass representative_data, or build it "
+            f"with the Functional API (`keras.Input(...)`). Received: model={model.name!r}"
+        )
+    if len(inputs) != 1:
+        raise ValueError(
+            f"`convert` handles single-input models; this one has {len(inputs)} inputs. Received: model={model.name!r}"
+        )
+    t = inputs[0]
+    return tuple(t.shape), str(t.dtype), getattr(t, "name", "input")
+
+
+def _qat_detector():
+    """`is_quantized_model(model) -> bool` from tfopt's QAT module, or None where it does not exist."""
+    import importlib
+
+    import tfopt
+
+    detect = getattr(tfopt, "is_quantized_model", None)
+    if detect is None:
+        try:
+            detect = getattr(importlib.import_module("tfopt.qat"), "is_quantized_model", None)
+        except ImportError:
+            detect = None
+    return detect
+
+
+def _layer_resolver(model):
+    """tensor name -> the Keras layer it came from (TF suffixes scope names with _1, _2 ...)."""
+    if model is None:
+        return _flatbuffer.layer_of
+    names = {layer.name for layer in model._flatten_layers(include_self=False)}
+    outputs = [getattr(getattr(t, "_keras_history", None), "operation", None) for t in getattr(model, "outputs", [])]
+    output_layer = outputs[0].name if len(outputs) == 1 and outputs[0] is not None else None
+
+    def resolve(tensor_name):
+        if "/" not in tensor_name and output_layer is not None and "StatefulPartitionedCall" in tensor_name:
+            return output_layer  # the signature renames the model's output tensor
+        for part in reversed(tensor_name.split(";")):
+            for scope in part.split("/")[1:-1] or part.split("/")[:1]:
+                if scope in names:
+                    return scope
+                base = re.sub(r"_\d+$", "", scope)
+                if base in names:
+                    return base
+        return _flatbuffer.layer_of(tensor_name)
+
+    return resolve
+
+
+# ---------------------------------------------------------------------------------------------
+# Representative data
+
+
+def _iter_raw(data):
+    if isinstance(data, np.ndarray):
+        yield data
+        return
+    tf_data = None
+    with contextlib.suppress(ImportError):
+        tf_data = _tf().data.Dataset
+    if tf_data is not None and isinstance(data, tf_data):
+        for el in data.as_numpy_iterator():
+            yield el
+        return
+    if callable(data) and not hasattr(data, "__next__"):
+        data = data()
+    if isinstance(data, tuple) and data and isinstance(data[0], np.ndarray):  # (x, y) like `fit`'s arguments
+        yield data[0]
+        return
+    try:
+        it = iter(data)
+    except TypeError:
+        raise TypeError(
+            "`representative_data` must be a numpy array, a tf.data.Dataset, or a generator / callable yielding "
+            f"arrays. Received: representative_data of type {type(data).__name__}"
+        ) from None
+    yield from it
+
+
+def _first_input(el):
+    if isinstance(el, dict):
+        el = next(iter(el.values()))
+    while isinstance(el, (list, tuple)):  # TF's `[x]` convention and Keras' `(x, y)` both put x first
+        if not el:
+            raise ValueError("`representative_data` yielded an empty list. Received: representative_data=[]")
+        el = el[0]
+    return el
+
+
+def _samples(data, input_shape, input_dtype, max_samples):
+    """Up to `max_samples` validated float samples (N, *input_shape[1:]) from any supported source."""
+    feature = None if input_shape is None else tuple(input_shape[1:])
+    want = np.dtype(input_dtype)
+    chunks, n = [], 0
+    for el in _iter_raw(data):
+        x = _first_input(el)
+        if hasattr(x, "numpy"):
+            x = x.numpy()
+        x = np.asarray(x)
+        if feature is None:  # no known model input (subclassed model): batch-first samples define it
+            feature = tuple(x.shape[1:])
+            input_shape = (None,) + feature
+        if x.dtype.kind not in "fiu" or (want.kind == "f" and x.dtype.kind != "f"):
+            raise ValueError(
+                f"`representative_data` must hold {want.name} values like the model input, not {x.dtype}. Cast it "
+                f"(and scale it exactly as the model expects), e.g. `x.astype('float32') / 255`. "
+                f"Received: representative_data.dtype={x.dtype}"
+            )
+        if x.ndim == len(feature):
+            x = x[None]
+        if x.ndim != len(feature) + 1 or any(f is not None and f != s for f, s in zip(feature, x.shape[1:])):
+            raise ValueError(
+                f"`representative_data` samples must have shape (batch, {', '.join(str(f) for f in feature)}) to "
+                f"match the model input {tuple(input_shape)}. Received: representative_data.shape={x.shape}"
+            )
+        chunks.append(x[: max_samples - n])
+        n += len(chunks[-1])
+        if n >= max_samples:
+            break
+    if n == 0:
+        raise ValueError(
+            "`representative_data` is empty: int8 calibration needs samples of real inputs (a few hundred is "
+            "plenty). Received: representative_data with 0 samples"
+        )
+    x = np.concatenate(chunks).astype(want if want.kind == "f" else np.float32, copy=False)
+    if len({c.shape[1:] for c in chunks}) > 1:
+        raise ValueError(
+            "`representative_data` samples must all have the same shape. Received: shapes "
+            f"{sorted({c.shape[1:] for c in chunks})}"
+        )
+    finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise ValueError(
+            f"`representative_data` contains NaN or inf in {len(bad)} sample(s) (first: index {bad[0]}). Remove or "
+            f"fix them: calibration ranges would be meaningless. Received: representative_data with {len(bad)} "
+            "non-finite samples"
+        )
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Export and conversion
+
+
+def _has_fake_quant(graph_def):
+    ops = {n.op for n in graph_def.node}
+    for f in graph_def.library.function:
+        ops.update(n.op for n in f.node_def)
+    return bool(ops.intersection(_FAKE_QUANT_OPS))
+
+
+def _export_keras(model, shape, dtype, name, directory):
+    """SavedModel of `model(x, training=False)` on a static batch-1 signature; returns its graph_def."""
+    import keras
+
+    tf = _tf()
+    spec = tf.TensorSpec((1,) + tuple(shape[1:]), dtype, name=re.sub(r"\W", "_", name or "input"))
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    fn = archive.add_endpoint("serve", functools.partial(model.__call__, training=False), [spec])
+    archive.write_out(directory, verbose=False)
+    return fn.get_concrete_function().graph.as_graph_def()
+
+
+def _export_saved_model(path, directory, shape_override):
+    """Re-exports a SavedModel's serving signature with a static batch 1; returns (shape, dtype, graph_def)."""
+    tf = _tf()
+    loaded = tf.saved_model.load(path)
+    sigs = getattr(loaded, "signatures", {})
+    if "serving_default" not in sigs:
+        raise ValueError(
+            "The SavedModel has no 'serving_default' signature to convert. Export it with `model.export(dir)`. "
+            f"Received: model={path!r}"
+        )
+    sig = sigs["serving_default"]
+    specs = sig.structured_input_signature[1]
+    if len(specs) != 1:
+        raise ValueError(
+            f"`convert` handles single-input models; this SavedModel has {len(specs)} inputs. Received: model={path!r}"
+        )
+    key, spec = next(iter(specs.items()))
+    shape = tuple(spec.shape.as_list())
+    if shape_override is not None:
+        shape = (shape[0],) + tuple(shape_override[1:])
+    if any(d is None for d in shape[1:]):
+        raise ValueError(
+            f"The SavedModel input {key!r} has unknown dimensions {shape}: pass representative_data so the shape "
+            f"can be fixed. Received: model={path!r}"
+        )
+    static = tf.TensorSpec((1,) + shape[1:], spec.dtype, name=key)
+    module = tf.Module()
+    module.loaded = loaded
+
+    @tf.function(input_signature=[static], autograph=False)
+    def serve(x):
+        return sig(**{key: x})
+
+    tf.saved_model.save(module, directory, signatures={"serving_default": serve})
+    return shape, spec.dtype.name, serve.get_concrete_function().graph.as_graph_def()
+
+
+def _configure(converter, mode, io_dtype, qat, samples, quiet):
+    tf = _tf()
+    io = {"int8": tf.int8, "uint8": tf.uint8, "int16": tf.int16, "float32": tf.float32}[io_dtype]
+    if mode == "float32":
+        return
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if mode == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+        return
+    if mode == "dynamic":
+        return
+    converter.inference_input_type = io
+    converter.inference_output_type = io
+    if mode == "int8" and qat:
+        return  # not TFLITE_BUILTINS_INT8: that demands a representative dataset even for QAT graphs
+    converter.representative_dataset = _rep_dataset(samples, quiet)
+    converter.target_spec.supported_ops = [
+        tf.lite.OpsSet.TFLITE_BUILTINS_INT8
+        if mode == "int8"
+        else tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
+    ]
+
+
+def _rep_dataset(samples, quiet):
+    def gen():
+        import keras
+
+        bar = None if quiet else keras.utils.Progbar(len(samples), unit_name="sample")
+        for i, s in enumerate(samples):
+            yield [s[None]]
+            if bar is not None:
+                bar.update(i + 1)
+
+    return gen
+
+
+def _run_converter(saved_model_dir, mode, io_dtype, qat, samples, quiet):
+    tf = _tf()
+    converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir)
+    _configure(converter, mode, io_dtype, qat, samples, quiet)
+    try:
+        return converter.convert()
+    except Exception as e:
+        text = str(e)
+        lines = [ln.strip() for ln in text.splitlines() if "error" in ln.lower()] or text.splitlines()[:3]
+        raise ConversionError(
+            f"The TFLite converter failed ({type(e).__name__}): {' | '.join(lines[:4])[:800]}. A layer without an "
+            f"integer TFLite kernel is the usual cause for mode='int8'; try mode='float32' to see whether the model "
+            f"converts at all. Received: mode={mode!r}"
+        ) from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification
+
+
+def _verify(content, *, target, mode, io_dtype, layer):
+    """Problems with what the converter emitted (list of str; empty when it is what was asked)."""
+    fm = _flatbuffer.parse(content)
+    sg = fm.subgraphs[0]
+    problems = []
+
+    def where(t):
+        return f"tensor {t.name!r} (layer {layer(t.name)!r})"
+
+    for kind, idxs in (("input", sg.inputs), ("output", sg.outputs)):
+        for i in idxs:
+            t = sg.tensors[i]
+            if t.dtype != io_dtype:
+                problems.append(f"{kind} {t.name!r} is {t.dtype}, asked for io_dtype={io_dtype!r}")
+            sig = t.shape_signature or t.shape
+            if kind == "input" and (not sig or sig[0] != 1):
+                problems.append(f"input {t.name!r} has batch {sig[0] if sig else '?'}, expected a static batch 1")
+    dyn = [t for t in sg.tensors if t.is_dynamic]
+    if dyn:
+        problems.append(f"{len(dyn)} tensor(s) have dynamic shapes, e.g. {where(dyn[0])}: {list(dyn[0].shape_signature)}")
+    if len(fm.subgraphs) > 1 and target in ("edgetpu", "micro"):
+        problems.append(f"{len(fm.subgraphs)} subgraphs (control flow)")
+    if mode in ("int8", "int16x8"):
+        act = "int8" if mode == "int8" else "int16"
+        edge = _analyze.io_edge_ops(sg)
+        edge_tensors = set(sg.inputs) | set(sg.outputs)
+        for op in sg.operators:
+            if op.name in ("QUANTIZE", "DEQUANTIZE") and op.index not in edge:
+                src, out = sg.tensors[op.inputs[0]], sg.tensors[op.outputs[0]]
+                if op.name == "QUANTIZE" and src.dtype == out.dtype == act:
+                    continue  # an integer requantization (e.g. before a concatenation), not a float island
+                problems.append(f"{op.name} inside the graph at op #{op.index} ({where(out)}): part of it runs in float")
+        for i in edge:
+            op = sg.operators[i]
+            edge_tensors.update(t for t in op.inputs + op.outputs if t not in sg.inputs and sg.tensors[t].dtype != act)
+        for t in sg.tensors:
+            if t.index in edge_tensors or t.index < 0:
+                continue
+            if t.is_constant:
+                ok = t.dtype in (("int8", "int32", "int64") if mode == "int8" else ("int8", "int16", "int32", "int64"))
+            else:
+                ok = t.dtype == act
+            if not ok:
+                problems.append(f"{where(t)} is {t.dtype} ({'constant' if t.is_constant else 'activation'})")
+    return problems
+
+
+def _sanity_run(content, samples):
+    runner = _runtime.Runner(content, kernels="builtin")
+    y = runner.predict(samples)
+    ys = y if isinstance(y, list) else [y]
+    if not all(np.all(np.isfinite(v)) for v in ys):
+        raise ConversionError(
+            "The converted model outputs NaN or inf on the calibration samples; the conversion lost the weights "
+            "or the model is numerically broken. Received: outputs with non-finite values"
+        )
+
+
+def _edgetpu_error(report, layer):
+    bad = [v for v in report.ops if not v.mapped]
+    lines = [f"{v.op} v{v.version} at op #{v.index} (layer {layer(v.tensor)!r}): {v.reason or v.status}" for v in bad
+             if v.mappable is False][:12]
+    if report.blockers:
+        lines = [f"blocker: {b}" for b in report.blockers] + lines
+    return EdgeTPUError(
+        "Some ops would not run on the Edge TPU, so from the first of them on the model runs on the CPU: "
+        + "; ".join(lines)
+        + ". Replace those layers (e.g. LeakyReLU / hard_swish -> ReLU or PReLU(shared_axes=[1, 2]); Dense on a "
+        "3-D input -> Flatten or GlobalAveragePooling first), or pass strict=False to get the model and the "
+        "report anyway. Received: target='edgetpu', strict=True"
+    )
+
+
+def convert(
+    model,
+    *,
+    target="mobile",
+    mode="int8",
+    representative_data=None,
+    io_dtype=None,
+    strict=True,
+    max_samples=DEFAULT_MAX_SAMPLES,
+    quiet=False,
+    _qat=None,
+):
+    """Converts a Keras 3 model to a verified `.tflite` for a deployment target.
+
+    Pruning wrappers are stripped first. Models with fake-quant ops (QAT: `tfopt.quantize_model` or
+    hand-made with `keras.quantizers.fake_quant_with_min_max_vars`) take the QAT path: their trained
+    ranges are used and no representative data is needed. Float models need `representative_data`
+    for `mode="int8"` / `"int16x8"` (post-training calibration).
+
+    Targets:
+        "mobile": LiteRT on phones / CPUs (XNNPACK); any mode; float or integer I/O.
+        "edgetpu": Coral Edge TPU: int8, int8 (default) or uint8 I/O, static batch 1; `.edgetpu` holds
+            the per-op report and with `strict=True` an op that would not map is an error.
+        "micro": TensorFlow Lite Micro: int8; the model is run in TFLM (in a subprocess) on the
+            calibration samples and must give LiteRT's outputs; `.arena_bytes` is the smallest arena.
+
+    Every result is verified: I/O dtypes as asked, static batch 1, and for `mode="int8"` every
+    tensor int8 (int32 bias), no QUANTIZE/DEQUANTIZE to or from float inside the graph (int8 -> int8
+    requantization is integer work and allowed).
+
+    Args:
+        model: a Keras model, a path to a `.keras` file, or a SavedModel directory.
+        target: "mobile" (default), "edgetpu" or "micro".
+        mode: "int8" (default, full integer), "float16", "dynamic" (dynamic-range), "float32" or
+            "int16x8" (int16 activations, int8 weights; mobile only).
+        representative_data: calibration inputs: a numpy array (N, ...), a `tf.data.Dataset`, or a
+            generator / callable yielding arrays (`x`, `[x]` or `(x, y)`; batched or single samples).
+        io_dtype: dtype of the model's inputs and outputs: "int8" (default for int8), "uint8",
+            "float32" (default for float modes and int16x8) or "int16" (int16x8).
+        strict: fail on anything short of the target (an unmapped Edge TPU op, a float op in an int8
+            graph). With False the model is returned and the problems are warned about and reported.
+        max_samples: calibration sample cap (default 300).
+        quiet: no calibration progress bar.
+
+    Returns:
+        A `TFLiteModel` (`.content`, `.save(path)`, `.report`, `.predict(x)`, `.evaluate(x, y)`,
+        `.benchmark()`, `.save_c_array(stem)`).
+
+    Raises:
+        ValueError: a bad argument or representative data, NaN weights, a path that is not a model.
+        ConversionError: (a ValueError) the converter failed or emitted something that is not what
+            was asked; `EdgeTPUError` / `MicroError` for the target checks.
+        FileNotFoundError: `model` is a path that does not exist.
+
+    Example:
+        >>> tfl = tfopt.tflite_export.convert(model, target="edgetpu", representative_data=x_train[:300])
+        >>> tfl.save("model_int8.tflite"); print(tfl.edgetpu)
+    """
+    start = time.perf_counter()
+    io_dtype = _check_args(target, mode, io_dtype, strict, max_samples)
+    keras_model, saved_model_dir = _load_model(model)
+    layer = _layer_resolver(keras_model)
+    qat = _qat
+    if keras_model is not None:
+        keras_model = _strip_pruning(keras_model)
+        _check_weights(keras_model)
+        shape, dtype, name = _input_spec(keras_model, representative_data is not None)
+        if qat is None:
+            detect = _qat_detector()
+            qat = bool(detect(keras_model)) if detect is not None else None
+    samples = None
+    tmp = tempfile.mkdtemp(prefix="tfopt-export-")
+    try:
+        if keras_model is not None:
+            if representative_data is not None:
+                samples = _samples(representative_data, shape, dtype, max_samples)
+                shape = shape or (None,) + samples.shape[1:]
+            elif any(d is None for d in shape[1:]):
+                raise ValueError(
+                    f"The model input has unknown dimensions {shape}: give `keras.Input` a full shape, or pass "
+                    "representative_data so it can be fixed. Received: representative_data=None"
+                )
+            if samples is not None:
+                shape = (shape[0],) + samples.shape[1:]
+            graph_def = _export_keras(keras_model, shape, dtype, name, tmp)
+        else:
+            if representative_data is not None:
+                import tensorflow as tf
+
+                spec = next(iter(tf.saved_model.load(saved_model_dir).signatures["serving_default"]
+                                 .structured_input_signature[1].values()))
+                samples = _samples(representative_data, tuple(spec.shape.as_list()), spec.dtype.name, max_samples)
+            shape, dtype, graph_def = _export_saved_model(
+                saved_model_dir, tmp, None if samples is None else (None,) + samples.shape[1:])
+        if not qat and _qat is None:
+            qat = _has_fake_quant(graph_def)  # hand-made fake-quant models, SavedModels
+        if qat and mode != "int8":
+            raise ValueError(
+                "This is a quantization-aware (fake-quant) model; it converts with mode='int8' only. "
+                f"Received: mode={mode!r}"
+            )
+        if mode in ("int8", "int16x8") and not qat and samples is None:
+            raise ValueError(
+                f"mode={mode!r} needs representative_data for a float model: a few hundred real input samples to "
+                "calibrate the int8 ranges (e.g. representative_data=x_train[:300]), or train it with QAT first "
+                "(tfopt.quantize_model). Received: representative_data=None"
+            )
+        content = _run_converter(tmp, mode, io_dtype, qat, samples, quiet)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    problems = _verify(content, target=target, mode=mode, io_dtype=io_dtype, layer=layer)
+    if problems:
+        message = (
+            f"The converted model is not what target={target!r}, mode={mode!r} asked for: " + "; ".join(problems[:8])
+            + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else "")
+            + ". Layers without an integer TFLite kernel (e.g. LayerNormalization, GELU) leave float ops; replace "
+            f"them or use mode='float16'. Received: target={target!r}, mode={mode!r}, io_dtype={io_dtype!r}"
+        )
+        if strict:
+            raise ConversionError(message)
+        warnings.warn(message, stacklevel=2)
+
+    if samples is None:
+        samples = _random_samples(content)
+    _sanity_run(content, samples[:4])
+
+    edgetpu_report = micro_result = None
+    if target == "edgetpu":
+        edgetpu_report = _edgetpu.edgetpu_report(content)
+        for v in edgetpu_report.ops:
+            v.layer = layer(v.tensor)
+        if not edgetpu_report.all_mapped:
+            err = _edgetpu_error(edgetpu_report, layer)
+            if strict:
+                raise err
+            warnings.warn(str(err), stacklevel=2)
+    elif target == "micro":
+        _micro.check_ops(content, layer)
+        micro_result = _micro.run_micro(content, samples[:MICRO_CHECK_SAMPLES])
+        if not micro_result.identical:
+            raise MicroError(
+                f"TFLite Micro's outputs differ from LiteRT's reference kernels by up to {micro_result.max_diff:g} "
+                f"quantization steps on {micro_result.num_samples} calibration samples; the model would behave "
+                "differently on the microcontroller. Received: target='micro'"
+            )
+    return TFLiteModel(
+        content,
+        target=target,
+        mode=mode,
+        io_dtype=io_dtype,
+        edgetpu=edgetpu_report,
+        micro=micro_result,
+        conversion_seconds=time.perf_counter() - start,
+    )
+
+
+def _random_samples(content, n=MICRO_CHECK_SAMPLES):
+    """Float samples spanning the input's quantized range (QAT models convert without data)."""
+    it = _runtime.make_interpreter(content, kernels="builtin")
+    d = it.get_input_details()[0]
+    rng = np.random.default_rng(0)
+    dtype = np.dtype(d["dtype"])
+    shape = (n,) + tuple(int(s) for s in d["shape"][1:])
+    if dtype.kind == "f":
+        return rng.random(shape, np.float32)
+    info = np.iinfo(dtype)
+    q = rng.integers(info.min, info.max + 1, shape)
+    return _runtime.dequantize(q, d)
