@@ -6,7 +6,10 @@ TPU and microcontrollers (`tfopt.tflite_export`). Callbacks live in
 `tfopt.callbacks`.
 """
 
+from tfopt import quantizers
 from tfopt.pruning import PruneLowMagnitude, SparsityReport, prune_low_magnitude, sparsity_report, strip_pruning
+from tfopt.qat import is_quantized_model, quantize_annotate_layer, quantize_annotate_model, quantize_apply, quantize_model
+from tfopt.qat_layers import QuantizeAnnotate, QuantizeConfig, QuantizeLayer, QuantizeWrapper
 from tfopt.registry import LayerSpec, register_layer
 from tfopt.schedules import ConstantSparsity, PolynomialDecay, PruningSchedule
 
@@ -18,8 +21,18 @@ __all__ = [
     "PolynomialDecay",
     "PruneLowMagnitude",
     "PruningSchedule",
+    "QuantizeAnnotate",
+    "QuantizeConfig",
+    "QuantizeLayer",
+    "QuantizeWrapper",
     "SparsityReport",
+    "is_quantized_model",
     "prune_low_magnitude",
+    "quantize_annotate_layer",
+    "quantize_annotate_model",
+    "quantize_apply",
+    "quantize_model",
+    "quantizers",
     "register_layer",
     "sparsity_report",
     "strip_pruning",

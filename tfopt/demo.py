@@ -104,7 +104,7 @@ def run_demo(out_dir="tfopt_artifacts", float_epochs=8, prune_epochs=6, qat_epoc
     float_tflite.save(os.path.join(out_dir, "float.tflite"))
     pruned_tflite.save(os.path.join(out_dir, "pruned_float.tflite"))
 
-    if qat_epochs and hasattr(tfopt, "quantize_model"):
+    if qat_epochs:
         say(f"\n[3/4] Quantization-aware training, {qat_epochs} epochs (pruned zeros kept)")
         qat = tfopt.quantize_model(stripped)
         _compile(qat, 1e-4)

@@ -55,16 +55,22 @@ _TABLE = {
     L.Conv1D: _CONV_ROW,
     L.Conv2D: _CONV_ROW,
     L.Conv3D: _CONV_ROW,
-    # Transposed kernels are (h, w, out, in): output channels are axis -2.
-    L.Conv1DTranspose: LayerSpec(prunable=("kernel",), quantizable=("kernel",), quant_axis=(-2,), activation="activation"),
-    L.Conv2DTranspose: LayerSpec(prunable=("kernel",), quantizable=("kernel",), quant_axis=(-2,), activation="activation"),
-    L.Conv3DTranspose: LayerSpec(prunable=("kernel",), quantizable=("kernel",), quant_axis=(-2,), activation="activation"),
+    # Transposed kernels are (h, w, out, in). QAT quantizes them per tensor (as
+    # TFMOT): per-channel fake quant on them fails conversion with "'tfl.transpose'
+    # op has mismatched quantized axes of input and output" (measured, TF 2.21).
+    # QAT: 1-D depthwise/separable/transposed kernels are quantized per tensor:
+    # TF lowers them through an ExpandDims of the fake-quantized kernel, which
+    # the converter cannot give per-channel scales (Conv1D is rewritten as a
+    # 2-D conv by tfopt.qat_layers, so it keeps per-channel scales).
+    L.Conv1DTranspose: LayerSpec(prunable=("kernel",), quantizable=("kernel",), quant_axis=(None,), activation="activation"),
+    L.Conv2DTranspose: LayerSpec(prunable=("kernel",), quantizable=("kernel",), quant_axis=(None,), activation="activation"),
+    L.Conv3DTranspose: LayerSpec(prunable=("kernel",), quantizable=("kernel",), quant_axis=(None,), activation="activation"),
     # Depthwise kernels are (h, w, in, multiplier); TFLite puts the channels
     # (in * multiplier) last. Pruning them hurts accuracy a lot: opt-in only.
-    L.DepthwiseConv1D: LayerSpec(prunable=("kernel",), prune_by_default=False, quantizable=("kernel",), quant_axis=(-2,), activation="activation"),
+    L.DepthwiseConv1D: LayerSpec(prunable=("kernel",), prune_by_default=False, quantizable=("kernel",), quant_axis=(None,), activation="activation"),
     L.DepthwiseConv2D: LayerSpec(prunable=("kernel",), prune_by_default=False, quantizable=("kernel",), quant_axis=(-2,), activation="activation"),
     # Only the pointwise kernel is pruned (as TFMOT); both are quantized.
-    L.SeparableConv1D: LayerSpec(prunable=("pointwise_kernel",), quantizable=("depthwise_kernel", "pointwise_kernel"), quant_axis=(-2, -1), activation="activation"),
+    L.SeparableConv1D: LayerSpec(prunable=("pointwise_kernel",), quantizable=("depthwise_kernel", "pointwise_kernel"), quant_axis=(None, None), activation="activation"),
     L.SeparableConv2D: LayerSpec(prunable=("pointwise_kernel",), quantizable=("depthwise_kernel", "pointwise_kernel"), quant_axis=(-2, -1), activation="activation"),
     L.Embedding: LayerSpec(prunable=("embeddings",)),
     L.SimpleRNN: LayerSpec(prunable=("cell.kernel", "cell.recurrent_kernel")),

@@ -1,0 +1,589 @@
+"""Quantization-aware training: `quantize_model`, `quantize_annotate_*`, `quantize_apply`.
+
+`quantize_model(model)` returns a new model whose forward pass computes what
+the int8 TFLite kernels will compute, so that
+``tfopt.tflite_export.convert(qat_model)`` gives a fully-int8 graph (int8 I/O,
+int8 tensors, int32 biases, no QUANTIZE/DEQUANTIZE inside) that agrees with
+the Keras model to within one output quantization step.
+
+How the model is rebuilt. The Functional graph is walked node by node (nested
+Sequential/Functional models are inlined, so the result is one flat
+Functional model) and each node is planned as one of:
+
+- a *kernel* layer (Conv1D/2D/3D, DepthwiseConv, SeparableConv,
+  ConvTranspose, Dense): `QuantizeWrapper`, per-channel symmetric int8 weights
+  (per tensor for Dense: the converter refuses per-channel fake quant on a
+  FULLY_CONNECTED kernel with "'tfl.transpose' op has mismatched quantized
+  axes of input and output"); a BatchNormalization that is its only consumer
+  is folded into it (the BN node disappears from the graph);
+- a *compute* node (Add, Multiply, Subtract, Concatenate, GlobalAveragePooling,
+  Activation, ReLU, Softmax, Rescaling, op nodes such as ``x + 3.0``, any
+  other weightless layer): runs unchanged, output fake-quantized;
+- a *same-scale* node (Reshape, Flatten, Dropout, Max/AveragePooling,
+  ZeroPadding, UpSampling, Cropping, Permute, ...): copied, no fake quant,
+  because TFLite requires its output scale to equal its input scale.
+
+Fusion matches the converter: a producer (kernel layer, Add, Subtract) whose
+only consumer is a ReLU/ReLU6 (layer or Activation) gets no output quantizer:
+TFLite fuses the activation into the op, so the only int8 tensor is after the
+ReLU. A producer whose only consumer is a Concatenate gets none either: the
+concat output's range is the one range all its inputs share (TFLite's
+CONCATENATION wants equal scales; separate ranges would add a requantize op).
+Every model input gets a `QuantizeLayer`, which becomes the int8 input scale.
+
+Pruned models: a `PruneLowMagnitude`-wrapped model is stripped first; every
+quantized weight that has exact zeros gets a mask (``w != 0``, captured here,
+saved with the model) applied before fake quant, so the zeros survive QAT and
+appear as zeros in the int8 weights.
+
+Validation happens before anything is built: the user's model is only read.
+"""
+
+import keras
+import numpy as np
+
+from tfopt import _model_utils as mu
+from tfopt import registry
+from tfopt.qat_layers import QuantizeAnnotate, QuantizeConfig, QuantizeLayer, QuantizeWrapper, relu_kind
+
+__all__ = [
+    "quantize_model",
+    "quantize_annotate_layer",
+    "quantize_annotate_model",
+    "quantize_apply",
+    "is_quantized_model",
+]
+
+L = keras.layers
+_SCHEMES = ("8bit",)
+_SAME_SCALE_LAYERS = (
+    L.Reshape, L.Flatten, L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D, L.SpatialDropout3D,
+    L.GaussianNoise, L.GaussianDropout, L.AlphaDropout, L.ActivityRegularization, L.Identity,
+    L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D, L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D,
+    L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling3D,
+    L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D, L.UpSampling1D, L.UpSampling2D, L.UpSampling3D,
+    L.Cropping1D, L.Cropping2D, L.Cropping3D, L.Permute,
+)
+_SAME_SCALE_OPS = {"Reshape", "Transpose", "Squeeze", "ExpandDims", "GetItem", "Flatten", "Identity", "Cast"}
+_CONCAT_OPS = {"Concatenate"}
+_FUSING_OPS = {"Add", "Subtract"}
+_KERNEL_TYPES = (L.Conv1D, L.Conv2D, L.Conv3D, L.DepthwiseConv1D, L.DepthwiseConv2D, L.SeparableConv1D,
+                 L.SeparableConv2D, L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose, L.Dense)
+_OWN_LAYERS = (QuantizeWrapper, QuantizeLayer)
+
+
+# ----- public helpers ------------------------------------------------------------
+
+
+def is_quantized_model(model):
+    """True when `model` (or a model nested in it) contains tfopt QAT layers.
+
+    `tfopt.tflite_export.convert` uses it to convert without representative
+    data (the fake-quant ranges give every scale).
+    """
+    if not isinstance(model, keras.Model):
+        return False
+    return any(isinstance(layer, _OWN_LAYERS) for layer in model._flatten_layers(include_self=False))
+
+
+def quantize_annotate_layer(layer, quantize_config=None):
+    """Marks `layer` for quantization by `tfopt.quantize_apply`.
+
+    Args:
+        layer: a `keras.layers.Layer` (not yet called, e.g. inside a
+            Sequential list or before a Functional call).
+        quantize_config: a `tfopt.QuantizeConfig` saying how to quantize a
+            layer tfopt has no row for; None for tfopt's default.
+
+    Returns:
+        A `tfopt.QuantizeAnnotate` wrapping `layer` (computes exactly like it).
+
+    Raises:
+        TypeError: `layer` is not a layer or `quantize_config` is not a
+            `QuantizeConfig`.
+
+    Example:
+        >>> model = keras.Sequential([keras.Input((4,)),
+        ...     tfopt.quantize_annotate_layer(keras.layers.Dense(3)), keras.layers.Dense(2)])
+        >>> qat = tfopt.quantize_apply(model)
+    """
+    if not isinstance(layer, keras.layers.Layer) or isinstance(layer, keras.Model):
+        raise TypeError(
+            "`quantize_annotate_layer` takes a single keras layer (use `tfopt.quantize_annotate_model` "
+            f"for a model). Received: layer={layer!r} of type {type(layer).__name__}"
+        )
+    if isinstance(layer, (QuantizeAnnotate, *_OWN_LAYERS)):
+        raise ValueError(f"Layer {mu.describe(layer)} is already annotated or quantized. Received: layer={layer!r}")
+    _check_config(quantize_config, layer)
+    return QuantizeAnnotate(layer, quantize_config=quantize_config, name=f"annotate_{layer.name}")
+
+
+def quantize_annotate_model(model):
+    """Returns a copy of `model` with every layer annotated for `tfopt.quantize_apply`.
+
+    `tfopt.quantize_apply(tfopt.quantize_annotate_model(m))` equals
+    `tfopt.quantize_model(m)`. Layers already annotated keep their config.
+
+    Raises:
+        TypeError / ValueError: as `tfopt.quantize_model`.
+    """
+    mu.check_model(model, "model", "quantize_annotate_model")
+    _check_not_quantized(model, "quantize_annotate_model")
+
+    def clone_function(layer):
+        if isinstance(layer, QuantizeAnnotate):
+            return QuantizeAnnotate.from_config(layer.get_config())
+        new = type(layer).from_config(layer.get_config())
+        if isinstance(layer, keras.layers.Layer):
+            return QuantizeAnnotate(new, name=f"annotate_{layer.name}")
+        return new
+
+    annotated = keras.models.clone_model(model, clone_function=clone_function, recursive=False)
+    annotated.set_weights(model.get_weights())
+    return annotated
+
+
+def quantize_apply(model, scheme="8bit", ema_decay=0.99, freeze_bn_delay=None, preserve_sparsity=None):
+    """Quantizes the layers of `model` wrapped by `tfopt.quantize_annotate_layer`.
+
+    Layers that are not annotated stay float; a float tensor read by a
+    quantized layer gets a `QuantizeLayer`. The arguments are those of
+    `tfopt.quantize_model`.
+
+    Returns:
+        A new model (`model` is not modified).
+
+    Raises:
+        ValueError: no layer is annotated, or as `tfopt.quantize_model`.
+    """
+    mu.check_model(model, "model", "quantize_apply")
+    if not any(isinstance(layer, QuantizeAnnotate) for layer in _all_layers_deep(model)):
+        raise ValueError(
+            "`quantize_apply` found no annotated layer: wrap the layers to quantize with "
+            "`tfopt.quantize_annotate_layer(layer)` (or the whole model with `tfopt.quantize_annotate_model`), "
+            f"or use `tfopt.quantize_model`. Received: model={model.name!r}"
+        )
+    return _quantize(model, "quantize_apply", scheme, None, True, ema_decay, freeze_bn_delay, preserve_sparsity)
+
+
+def quantize_model(model, scheme="8bit", filters=None, ema_decay=0.99, freeze_bn_delay=None, preserve_sparsity=None):
+    """Returns a quantization-aware copy of `model` (8-bit, as the int8 TFLite kernels compute).
+
+    Train it with `fit` as usual, then export it with
+    ``tfopt.tflite_export.convert(qat_model)``. See the module docstring for
+    what each layer becomes. `model` is never modified.
+
+    Args:
+        model: a built Sequential or Functional model (nested models are
+            inlined), float or pruned (wrapped in `tfopt.PruneLowMagnitude`
+            or stripped).
+        scheme: ``"8bit"`` (int8 weights symmetric per channel, per tensor for
+            Dense; int8 activations asymmetric per tensor).
+        filters: None to quantize every layer, or a regex on layer names, a
+            list of them, or ``fn(layer) -> bool``: only matching layers are
+            quantized (the rest stay float; use it to leave out a layer tfopt
+            cannot quantize).
+        ema_decay: decay of the moving-average activation ranges, in [0, 1).
+            Ranges start from the first training batch.
+        freeze_bn_delay: training steps after which folded BatchNormalization
+            layers stop using batch statistics. None: never.
+        preserve_sparsity: keep exact-zero weights at zero through QAT. None
+            (default): for every weight that has zeros.
+
+    Returns:
+        A new Functional model.
+
+    Raises:
+        TypeError: `model` is not a Keras model, or a bad argument type.
+        ValueError: the model is subclassed, unbuilt or already quantized,
+            or has layers with weights tfopt cannot quantize (all listed
+            once, with the fix), or a `QuantizeConfig` returns weights that
+            do not belong to its layer.
+
+    Example:
+        >>> model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Conv2D(4, 3),
+        ...     keras.layers.BatchNormalization(), keras.layers.ReLU(), keras.layers.Flatten(),
+        ...     keras.layers.Dense(10)])
+        >>> qat = tfopt.quantize_model(model)
+        >>> qat.compile("adam", "mse"); qat.fit(x, y)  # doctest: +SKIP
+        >>> tflite = tfopt.tflite_export.convert(qat)  # doctest: +SKIP
+    """
+    mu.check_model(model, "model", "quantize_model")
+    return _quantize(model, "quantize_model", scheme, filters, False, ema_decay, freeze_bn_delay, preserve_sparsity)
+
+
+# ----- validation -------------------------------------------------------------------
+
+
+def _all_layers_deep(model):
+    return [layer for layer in model._flatten_layers(include_self=False)]
+
+
+def _check_not_quantized(model, fn_name):
+    quantized = [layer for layer in _all_layers_deep(model) if isinstance(layer, _OWN_LAYERS)]
+    if quantized:
+        raise ValueError(
+            f"`{fn_name}` got a model that is already quantized (it has {mu.describe(quantized[0])}). "
+            "Quantize the float model once; to change the scheme, start again from the float model. "
+            f"Received: model={model.name!r}"
+        )
+
+
+def _check_config(quantize_config, layer):
+    if quantize_config is None:
+        return
+    if not isinstance(quantize_config, QuantizeConfig):
+        raise TypeError(
+            "`quantize_config` must be a tfopt.QuantizeConfig instance (subclass it to say how a custom layer "
+            f"is quantized). Received: quantize_config={quantize_config!r} for layer {mu.describe(layer)}"
+        )
+
+
+def _check_config_weights(layer, quantize_config):
+    """Error message if `quantize_config` names weights `layer` does not have, else None."""
+    pairs = list(quantize_config.get_weights_and_quantizers(layer))
+    own = {id(v) for v in layer.weights}
+    bad = []
+    for pair in pairs:
+        ok = isinstance(pair, (tuple, list)) and len(pair) == 2
+        var = pair[0] if ok else pair
+        if ok and isinstance(var, str):
+            try:
+                var = registry.weight_at(layer, var)
+            except AttributeError:
+                ok = False
+        if not ok or id(var) not in own:
+            bad.append(pair)
+    ids = [id(p[0]) for p in pairs if isinstance(p, (tuple, list))]
+    if bad or len(set(ids)) != len(ids) or len(pairs) > len(layer.weights):
+        return (
+            f"{mu.describe(layer)}: its {type(quantize_config).__name__}.get_weights_and_quantizers returned "
+            f"{len(pairs)} entries but the layer has {len(layer.weights)} weights "
+            f"({[w.name for w in layer.weights]}); each entry must be a distinct (weight of this layer, Quantizer) pair"
+        )
+    return None
+
+
+# ----- graph walk -------------------------------------------------------------------
+
+
+class _Rec:
+    """One node of the flattened graph."""
+
+    def __init__(self, op, node, ins, outs):
+        self.op = op
+        self.node = node
+        self.ins = ins  # canonical ids of node.input_tensors
+        self.outs = outs  # canonical ids of node.outputs
+        self.kind = None  # "kernel", "compute", "same", "float", "folded", "fused_away"
+        self.config = None  # a QuantizeConfig from an annotation
+        self.bn = None  # the folded BatchNormalization layer
+        self.quantize_output = True
+        self.selected = False
+
+
+def _graph(model):
+    return model._functional if isinstance(model, keras.Sequential) else model
+
+
+def _flatten(model, in_canon, records, counter):
+    fn = _graph(model)
+    canon = {}
+    for x, c in zip(fn.inputs, in_canon):
+        canon[id(x)] = c
+    for depth in sorted(fn._nodes_by_depth, reverse=True):
+        for node in fn._nodes_by_depth[depth]:
+            if node.is_input or not node.operation:
+                continue
+            op = node.operation
+            ins = [canon[id(t)] for t in node.input_tensors]
+            if isinstance(op, keras.Model) and mu.is_graph_model(op):
+                outs = _flatten(op, ins, records, counter)
+                for t, c in zip(node.outputs, outs):
+                    canon[id(t)] = c
+                continue
+            outs = []
+            for t in node.outputs:
+                counter[0] += 1
+                canon[id(t)] = counter[0]
+                outs.append(counter[0])
+            records.append(_Rec(op, node, ins, outs))
+    return [canon[id(t)] for t in fn.outputs]
+
+
+def _unwrap(op):
+    if isinstance(op, QuantizeAnnotate):
+        return op.layer, op.quantize_config, True
+    return op, None, False
+
+
+def _plan(model, filters, annotated_only):
+    counter = [0]
+    records = []
+    n_in = len(_graph(model).inputs)
+    in_canon = list(range(-n_in, 0))
+    out_canon = _flatten(model, in_canon, records, counter)
+    pick = mu.make_filter(filters)
+
+    producer = {}
+    consumers = {}
+    for rec in records:
+        for c in rec.outs:
+            producer[c] = rec
+        for c in rec.ins:
+            consumers.setdefault(c, []).append(rec)
+    model_outputs = set(out_canon)
+
+    def only_consumer(rec, target):
+        return (
+            len(rec.outs) == 1
+            and rec.outs[0] not in model_outputs
+            and [id(r) for r in consumers.get(rec.outs[0], [])] == [id(target)]
+        )
+
+    unsupported, errors = [], []
+    for rec in records:
+        op, config, annotated = _unwrap(rec.op)
+        if not isinstance(op, keras.layers.Layer):
+            continue  # op nodes are decided below, from their inputs
+        rec.config = config
+        rec.selected = annotated if annotated_only else (pick is None or bool(pick(op)))
+        if not rec.selected:
+            rec.kind = "float"
+        elif config is not None:
+            msg = _check_config_weights(op, config)
+            if msg:
+                errors.append(msg)
+            rec.kind = "compute"
+        elif isinstance(op, L.BatchNormalization):
+            rec.kind = "bn"
+        elif isinstance(op, _KERNEL_TYPES) or (registry.lookup(op) and registry.lookup(op).quantizable):
+            rec.kind = "kernel"
+        elif op.weights:
+            unsupported.append(op)
+        elif isinstance(op, _SAME_SCALE_LAYERS):
+            rec.kind = "same"
+        else:
+            rec.kind = "compute"
+
+    # Fold BatchNormalization into the kernel layer that feeds only it.
+    for rec in records:
+        if rec.kind != "bn":
+            continue
+        bn = _unwrap(rec.op)[0]
+        src = producer.get(rec.ins[0]) if len(rec.ins) == 1 else None
+        src_layer = _unwrap(src.op)[0] if src is not None else None
+        axis = bn.axis if isinstance(bn.axis, int) else (bn.axis[0] if len(bn.axis) == 1 else None)
+        rank = len(rec.node.input_tensors[0].shape)
+        if (
+            src is not None
+            and src.kind == "kernel"
+            and src.bn is None
+            and isinstance(src_layer, _KERNEL_TYPES)
+            and getattr(src_layer, "data_format", "channels_last") == "channels_last"
+            and qat_activation(src_layer) == "linear"
+            and axis is not None
+            and axis % rank == rank - 1
+            and only_consumer(src, rec)
+        ):
+            src.bn = bn
+            rec.kind = "folded"
+        else:
+            unsupported.append(bn)
+
+    if unsupported or errors:
+        raise ValueError(_unsupported_message(unsupported, errors, model))
+
+    # Op nodes: quantized when every input is produced inside the quantized region.
+    for rec in records:
+        if rec.kind is not None:
+            continue
+        name = type(rec.op).__name__
+        srcs = [producer.get(c) for c in rec.ins]
+        inside = all(s is None and not annotated_only or (s is not None and s.selected) for s in srcs)
+        rec.selected = inside and (pick is None or annotated_only)
+        if not rec.selected:
+            rec.kind = "float"
+        elif name in _SAME_SCALE_OPS:
+            rec.kind = "same"
+        else:
+            rec.kind = "compute"
+
+    # Fusion with a following ReLU, and shared ranges into Concatenate.
+    for rec in records:
+        op = _unwrap(rec.op)[0]
+        if not rec.selected:
+            continue
+        if relu_kind(op) and len(rec.ins) == 1:
+            src = producer.get(rec.ins[0])
+            if src is not None and src.kind == "folded":
+                src = producer.get(src.ins[0])
+                fused_ok = src is not None and only_consumer(producer[rec.ins[0]], rec)
+            else:
+                fused_ok = src is not None and only_consumer(src, rec)
+            if fused_ok and src.selected and _fuses_relu(src):
+                src.quantize_output = False
+        if isinstance(op, L.Concatenate) or type(op).__name__ in _CONCAT_OPS:
+            for c in rec.ins:
+                src = producer.get(c)
+                if src is not None and src.selected and src.kind in ("kernel", "compute") and only_consumer(src, rec):
+                    src.quantize_output = False
+    return records, in_canon, out_canon, producer
+
+
+def qat_activation(layer):
+    from tfopt.qat_layers import activation_name
+
+    return activation_name(getattr(layer, "activation", None))
+
+
+def _fuses_relu(rec):
+    op = _unwrap(rec.op)[0]
+    if rec.kind == "kernel":
+        return qat_activation(op) == "linear"
+    return isinstance(op, (L.Add, L.Subtract)) or type(op).__name__ in _FUSING_OPS
+
+
+def _unsupported_message(layers, errors, model):
+    lines = [f"  - {mu.describe(layer)}" for layer in layers] + [f"  - {e}" for e in errors]
+    return (
+        f"`quantize_model` cannot quantize {len(lines)} layer(s) of model {model.name!r}:\n"
+        + "\n".join(lines)
+        + "\nFix: for a custom layer, say how to quantize it with "
+        "`tfopt.quantize_annotate_layer(layer, quantize_config=MyQuantizeConfig())` (a `tfopt.QuantizeConfig` "
+        "subclass) and `tfopt.quantize_apply`, or register it with `tfopt.register_layer(cls, quantizable=...)`; "
+        "or leave it float with `filters=` (e.g. `filters=lambda layer: layer.name != 'ln'`). A "
+        "BatchNormalization is quantized only when it directly follows a Conv/DepthwiseConv/Dense with a "
+        "linear activation that feeds nothing else (it is folded into it). "
+        f"Received: layers={[layer.name for layer in layers] or [e.split(':')[0] for e in errors]}"
+    )
+
+
+# ----- rebuild ----------------------------------------------------------------------
+
+
+def _quantize(model, fn_name, scheme, filters, annotated_only, ema_decay, freeze_bn_delay, preserve_sparsity):
+    if scheme not in _SCHEMES:
+        raise ValueError(f"`scheme` must be one of {_SCHEMES}. Received: scheme={scheme!r}")
+    if not (isinstance(ema_decay, (int, float)) and 0.0 <= ema_decay < 1.0):
+        raise ValueError(f"`ema_decay` must be a float in [0, 1). Received: ema_decay={ema_decay!r}")
+    if freeze_bn_delay is not None and (not isinstance(freeze_bn_delay, int) or freeze_bn_delay < 0):
+        raise ValueError(
+            f"`freeze_bn_delay` must be None or a non-negative int (training steps). Received: freeze_bn_delay={freeze_bn_delay!r}"
+        )
+    if preserve_sparsity not in (None, True, False):
+        raise TypeError(f"`preserve_sparsity` must be None, True or False. Received: preserve_sparsity={preserve_sparsity!r}")
+    _check_not_quantized(model, fn_name)
+
+    from tfopt.pruning import PruneLowMagnitude, strip_pruning
+
+    if any(isinstance(layer, PruneLowMagnitude) for layer in _all_layers_deep(model)):
+        model = strip_pruning(model)
+
+    records, in_canon, out_canon, producer = _plan(model, filters, annotated_only)
+    fn = _graph(model)
+
+    used_names = set()
+
+    def unique(name):
+        base, i = name, 1
+        while name in used_names:
+            i += 1
+            name = f"{base}_{i}"
+        used_names.add(name)
+        return name
+
+    new_inputs = [
+        keras.Input(batch_shape=x.shape, dtype=x.dtype, name=unique(x.name)) for x in fn.inputs
+    ]
+    tensors = dict(zip(in_canon, new_inputs))
+    input_names = {c: x._keras_history.operation.name for c, x in zip(in_canon, new_inputs)}
+    quantized = set()  # canonical ids whose new tensor is fake-quantized (or will be, by fusion)
+    q_inputs = {}  # canonical id -> fake-quantized version of a float tensor
+    new_layers = {}  # id(original layer) -> new layer (shared layers stay shared)
+
+    def quantized_input(c, name):
+        if c in quantized:
+            return tensors[c]
+        if c not in q_inputs:
+            q_inputs[c] = QuantizeLayer(ema_decay=ema_decay, name=unique(f"{name}_quantize"))(tensors[c])
+        return q_inputs[c]
+
+    for rec in records:
+        op, _, _ = _unwrap(rec.op)
+        if rec.kind == "folded":
+            tensors[rec.outs[0]] = tensors[rec.ins[0]]
+            if rec.ins[0] in quantized:
+                quantized.add(rec.outs[0])
+            continue
+        local = {}
+        for t, c in zip(rec.node.input_tensors, rec.ins):
+            if rec.selected:
+                src = producer.get(c)
+                local[id(t)] = quantized_input(c, src.op.name if src is not None else input_names[c])
+            else:
+                local[id(t)] = tensors[c]
+        args, kwargs = rec.node.arguments.fill_in(local)
+
+        if id(rec.op) in new_layers:
+            new_op, wrapper = new_layers[id(rec.op)]
+        else:
+            wrapper = None
+            if rec.kind in ("kernel", "compute") and isinstance(op, keras.layers.Layer):
+                inner = mu.copy_layer(op)
+                bn = mu.copy_layer(rec.bn) if rec.bn is not None else None
+                sparse = _has_zeros(op, rec) if preserve_sparsity is None else preserve_sparsity
+                wrapper = QuantizeWrapper(
+                    inner,
+                    quantize_config=_copy_config(rec.config),
+                    batch_norm=bn,
+                    quantize_output=rec.quantize_output,
+                    preserve_sparsity=bool(sparse) and rec.kind == "kernel" or (bool(sparse) and rec.config is not None),
+                    ema_decay=ema_decay,
+                    freeze_bn_delay=freeze_bn_delay,
+                    num_outputs=len(rec.outs),
+                    name=unique(f"quant_{op.name}"),
+                )
+                new_op = wrapper
+            elif isinstance(op, keras.layers.Layer):
+                new_op = mu.copy_layer(op)
+                new_op.name = unique(op.name) if op.name in used_names else op.name
+                used_names.add(new_op.name)
+            else:
+                new_op = type(op).from_config(op.get_config())
+            new_layers[id(rec.op)] = (new_op, wrapper)
+
+        outputs = new_op(*args, **kwargs)
+        if wrapper is not None and wrapper.preserve_sparsity and not getattr(wrapper, "_masks_set", False):
+            wrapper.set_masks_from_weights()
+            wrapper._masks_set = True
+        flat = keras.tree.flatten(outputs)
+        if rec.kind == "compute" and not isinstance(op, keras.layers.Layer) and rec.quantize_output:
+            flat = [QuantizeLayer(ema_decay=ema_decay, name=unique(f"{op.name}_quantize"))(t) for t in flat]
+        for c, t in zip(rec.outs, flat):
+            tensors[c] = t
+            if rec.selected and (
+                rec.kind in ("kernel", "compute")
+                or (rec.kind == "same" and all(i in quantized or i in q_inputs for i in rec.ins))
+            ):
+                quantized.add(c)
+
+    inputs = keras.tree.pack_sequence_as(fn._inputs_struct, new_inputs)
+    outputs = keras.tree.pack_sequence_as(fn._outputs_struct, [tensors[c] for c in out_canon])
+    return keras.Model(inputs, outputs, name=f"{model.name}_qat" if not model.name.endswith("_qat") else model.name)
+
+
+def _copy_config(config):
+    return None if config is None else type(config).from_config(config.get_config())
+
+
+def _has_zeros(layer, rec):
+    if rec.config is not None:
+        pairs = rec.config.get_weights_and_quantizers(layer)
+        ws = [registry.weight_at(layer, p[0]) if isinstance(p[0], str) else p[0] for p in pairs]
+    else:
+        spec = registry.lookup(layer)
+        ws = [registry.weight_at(layer, p) for p in spec.quantizable] if spec else []
+    return any(np.any(keras.ops.convert_to_numpy(w) == 0) for w in ws)
+
+
