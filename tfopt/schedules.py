@@ -153,7 +153,8 @@ class PolynomialDecay(PruningSchedule):
         sparsity(step) = final_sparsity
                          + (initial_sparsity - final_sparsity) * (1 - p) ** power
 
-    computed in float32 like TFMOT, so the values match it bit for bit. Masks
+    computed in float32 like TFMOT's train function, so the values match it bit
+    for bit. Masks
     are updated every `frequency` steps from `begin_step` to `end_step`;
     after `end_step` they stay frozen (Zhu & Gupta, 2017,
     https://arxiv.org/abs/1710.01878).
@@ -195,12 +196,26 @@ class PolynomialDecay(PruningSchedule):
         self.frequency = int(frequency)
 
     def sparsity_at(self, step):
-        """The ramp value at `step`, whether or not masks update there."""
+        """The ramp value at `step`, whether or not masks update there.
+
+        Evaluated in float32 the way TFMOT's train function really computes it
+        (Grappler rewrites ``x / c`` as ``x * (1 / c)`` and ``c * x ** 3`` as
+        ``(c * x) * (x * x)``), so the value is bit-exact with the sparsity TFMOT
+        applies during `fit`, not just with its closed form.
+        """
         f32 = np.float32
-        p = f32(step - self.begin_step) / f32(self.end_step - self.begin_step)
-        p = np.minimum(f32(1.0), np.maximum(f32(0.0), p))
-        ramp = np.power(f32(1.0) - p, f32(self.power))
-        return float(f32(self.initial_sparsity - self.final_sparsity) * ramp + f32(self.final_sparsity))
+        p = f32(step - self.begin_step) * (f32(1.0) / f32(self.end_step - self.begin_step))
+        x = f32(1.0) - np.minimum(f32(1.0), np.maximum(f32(0.0), p))
+        c = f32(self.initial_sparsity - self.final_sparsity)
+        if self.power == 1:
+            scaled = c * x
+        elif self.power == 2:
+            scaled = c * (x * x)
+        elif self.power == 3:
+            scaled = (c * x) * (x * x)
+        else:  # TF's Pow kernel is correctly rounded; numpy's float32 power is not always
+            scaled = c * f32(np.float64(x) ** float(self.power))
+        return float(f32(scaled + f32(self.final_sparsity)))
 
     def __call__(self, step):
         should = self._should_prune_in_step(step, self.begin_step, self.end_step, self.frequency)
