@@ -69,9 +69,7 @@ class UpdatePruningStep(keras.callbacks.Callback):
     def _read_state(self, steps_so_far):
         self._base = [int(ops.convert_to_numpy(w.pruning_step)) - steps_so_far for w in self._wrappers]
         self._sizes = [sum(math.prod(v.shape) for v, _, _ in w.pruned_weights) for w in self._wrappers]
-        self._kept = [
-            sum(int(np.count_nonzero(ops.convert_to_numpy(m))) for _, m, _ in w.pruned_weights) for w in self._wrappers
-        ]
+        self._kept = [w.read_mask_state() for w in self._wrappers]
 
     def on_train_batch_begin(self, batch, logs=None):
         done = self._done + batch  # steps of this fit completed before this batch

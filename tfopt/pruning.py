@@ -165,6 +165,7 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         # Set by UpdatePruningStep while `fit` runs; checked when tracing training calls.
         self._step_callback_attached = False
         self._pruned = []  # [(weight variable, mask variable, threshold variable)]
+        self._kept_cache = None  # ones in each mask, as of the last update_masks (None: unknown)
 
     def build(self, input_shape=None):
         if not self.layer.built:
@@ -239,25 +240,48 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         """Sets each mask to ``weight != 0``, so zeros already present stay pruned."""
         for w, mask, _ in self._pruned:
             mask.assign(ops.cast(ops.not_equal(w, 0), mask.dtype))
+        self._kept_cache = None
+
+    def read_mask_state(self):
+        """Re-reads how many weights each mask keeps (after a load or a restore); returns the total."""
+        self._kept_cache = [int(np.count_nonzero(ops.convert_to_numpy(m))) for _, m, _ in self._pruned]
+        return sum(self._kept_cache)
 
     def update_masks(self, sparsity):
         """Recomputes every mask for `sparsity` and zeroes the pruned weights.
 
         Runs between training steps (eagerly, in NumPy: an O(n) selection with
         `np.argpartition`, no sort), so it costs nothing inside the train step.
+        Masks are monotone, so a mask that already keeps exactly the number of
+        weights `sparsity` asks for cannot change: it is skipped without
+        reading or writing any variable (with ConstantSparsity at frequency=1
+        every update after the first is free). Its `threshold` then stays the
+        one of its last change.
 
         Returns:
             Number of weights kept (mask == 1) over all pruned weights.
         """
+        if self._kept_cache is None:
+            self.read_mask_state()
         kept = 0
-        for w, mask, threshold in self._pruned:
+        for i, (w, mask, threshold) in enumerate(self._pruned):
+            if self._unchanged(w, self._kept_cache[i], sparsity):
+                kept += self._kept_cache[i]
+                continue
             w_np = np.asarray(ops.convert_to_numpy(w))
             new_mask, thr = self._compute_mask(w_np, np.asarray(ops.convert_to_numpy(mask)), sparsity)
             mask.assign(new_mask.astype(w_np.dtype))
             threshold.assign(thr)
             w.assign(w_np * new_mask)
-            kept += int(new_mask.sum())
+            self._kept_cache[i] = int(new_mask.sum())
+            kept += self._kept_cache[i]
         return kept
+
+    def _unchanged(self, w, currently_kept, sparsity):
+        """True when the monotone mask of `w` provably stays as it is at `sparsity`."""
+        if self.sparsity_m_by_n is not None or self.block_size != (1, 1):
+            return False  # structured masks are recomputed (a count does not prove the structure)
+        return _num_kept(math.prod(w.shape), sparsity, currently_kept) == currently_kept
 
     def _compute_mask(self, w, mask, sparsity):
         if self.sparsity_m_by_n is not None:
