@@ -162,6 +162,48 @@ def test_masks_are_monotone(cnn, data):
             assert np.all(after[key] <= before[key])
 
 
+
+@pytest.mark.parametrize(
+    "schedule",
+    [tfopt.ConstantSparsity(0.5, 0, frequency=1), tfopt.PolynomialDecay(0.0, 0.6, 0, end_step=6, frequency=1)],
+    ids=["constant", "polynomial"],
+)
+def test_skipped_mask_updates_equal_recomputed_ones(cnn, data, schedule):
+    """An update skipped because the kept count is unchanged gives the masks a full recomputation gives."""
+    x, y = data
+    pruned = tfopt.prune_low_magnitude(cnn, schedule)
+    wrappers = [l for l in pruned.layers if isinstance(l, tfopt.PruneLowMagnitude)]
+    computed = []
+    for w in wrappers:  # count the masks that really get recomputed
+        original = w._compute_mask
+
+        def counting(*args, _original=original):
+            computed.append(1)
+            return _original(*args)
+
+        w._compute_mask = counting
+    compile_for_test(pruned, lr=0.1)
+    mismatches = []
+
+    class Check(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):  # runs after UpdatePruningStep (listed after it)
+            step = int(ops.convert_to_numpy(wrappers[0].pruning_step)) + 1
+            _, sparsity = schedule(step)
+            for w in wrappers:
+                for v, mask, _ in w.pruned_weights:
+                    m = np.asarray(ops.convert_to_numpy(mask))
+                    fresh, _ = tfopt.pruning._keep_top(np.where(m.reshape(-1) > 0, np.abs(ops.convert_to_numpy(v)).reshape(-1), -1.0), sparsity)
+                    if not np.array_equal(fresh.reshape(m.shape), m):
+                        mismatches.append((step, v.path))
+
+    pruned.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False,
+               callbacks=[tfopt.callbacks.UpdatePruningStep(), Check()])
+    assert not mismatches
+    per_step = len([v for w in wrappers for v in w.pruned_weights])
+    if isinstance(schedule, tfopt.ConstantSparsity):
+        assert len(computed) == per_step  # 16 steps due, but only the first changes anything
+    else:
+        assert per_step < len(computed) <= per_step * 6  # only the 6 ramp steps can change a mask
 def test_wrapping_a_stripped_model_keeps_its_sparsity(cnn, data):
     x, y = data
     pruned = tfopt.prune_low_magnitude(cnn, tfopt.ConstantSparsity(0.8, 0, frequency=1))
