@@ -11,11 +11,13 @@ goes to stderr):
     schedules CASES_JSON          TFMOT schedules at every requested step
     recipe --data NPZ --seed S    the MNIST pruning recipe (see bench_pruning_recipe.py)
     overhead --steps K ...        step-time overhead on MobileNetV2 (see bench_pruning_overhead.py)
+    qat_steptime --steps K ...    QAT train-step time on MobileNetV2 (see bench_qat.py steptime)
 """
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -269,22 +271,29 @@ def _tflite_accuracy(content, x, y):
 
 
 class _BlockTimer(tf_keras.callbacks.Callback):
-    """Wall time from the first batch's begin to the last batch's end of one fit call.
+    """Per-step wall times of one fit call, each from a batch's begin hook to its end hook.
 
-    Listed first, so its batch-begin hook runs before UpdatePruningStep's.
+    Listed first, so its batch-begin hook runs before UpdatePruningStep's (whose work is timed).
     """
 
+    def on_train_begin(self, logs=None):
+        self.steps = []
+
     def on_train_batch_begin(self, batch, logs=None):
-        if batch == 0:
-            self.t0 = time.perf_counter()
+        self.t0 = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
-        self.t1 = time.perf_counter()
+        self.steps.append(time.perf_counter() - self.t0)
 
 
 def _mobilenet(seed):
     tf_keras.utils.set_random_seed(seed)
     return tf_keras.applications.MobileNetV2(alpha=0.35, input_shape=(96, 96, 3), weights=None, classes=10)
+
+
+# PolynomialDecay at frequency=1 ramps over this many steps, so the sparsity
+# changes at every measured step (bench_pruning_overhead.py uses the same).
+POLY_END_STEP = 100_000
 
 
 def cmd_overhead(args):
@@ -293,13 +302,18 @@ def cmd_overhead(args):
     y = rng.integers(0, 10, (args.batch,)).astype("int32")
     dataset = tf.data.Dataset.from_tensors((x, y)).repeat()
 
-    variants = {"plain": None, "freq100": 100, "freq1": 1}
+    variants = {
+        "plain": None,
+        "freq100": sparsity.ConstantSparsity(0.5, 0, frequency=100),
+        "freq1": sparsity.ConstantSparsity(0.5, 0, frequency=1),
+        "poly_freq1": sparsity.PolynomialDecay(0.0, 0.5, 0, POLY_END_STEP, frequency=1),
+    }
     models, callbacks = {}, {}
-    for name, freq in variants.items():
+    for name, schedule in variants.items():
         model = _mobilenet(seed=0)  # one fresh base per variant: TFMOT aliases the layers it wraps
         cbs = [_BlockTimer()]
-        if freq is not None:
-            model = sparsity.prune_low_magnitude(model, pruning_schedule=sparsity.ConstantSparsity(0.5, 0, frequency=freq))
+        if schedule is not None:
+            model = sparsity.prune_low_magnitude(model, pruning_schedule=schedule)
             cbs.append(sparsity.UpdatePruningStep())
         model.compile(
             optimizer=tf_keras.optimizers.Adam(1e-3),
@@ -310,7 +324,7 @@ def cmd_overhead(args):
     def block(name, steps):
         models[name].fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=callbacks[name])
         timer = callbacks[name][0]
-        return (timer.t1 - timer.t0) / steps
+        return statistics.fmean(timer.steps)
 
     for name in variants:
         t0 = time.perf_counter()
@@ -334,6 +348,35 @@ def cmd_overhead(args):
             "step_seconds": times,
         }
     )
+
+
+# -- QAT step time ---------------------------------------------------------------------
+
+
+def cmd_qat_steptime(args):
+    """Same method as bench_qat.py steptime: train_on_batch blocks, float and QAT interleaved."""
+    rng = np.random.default_rng(0)
+    x = rng.random((args.batch, 96, 96, 3), dtype=np.float32)
+    y = rng.integers(0, 10, args.batch).astype("int32")
+    models = {}
+    for name in ("float", "qat"):
+        model = _mobilenet(seed=0)
+        if name == "qat":
+            model = tfmot.quantization.keras.quantize_model(model)
+        model.compile(tf_keras.optimizers.SGD(1e-3), "sparse_categorical_crossentropy")
+        for _ in range(args.warmup):
+            model.train_on_batch(x, y)
+        models[name] = model
+
+    def block(name):
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            models[name].train_on_batch(x, y)
+        return (time.perf_counter() - t) / args.steps
+
+    times = _common.round_robin(["float", "qat"], args.rounds, block)
+    _common.emit_json({"framework": "tfmot", "versions": _versions(), "steps_per_block": args.steps,
+                       "rounds": args.rounds, "batch": args.batch, "times_s": times})
 
 
 def main(argv=None):
@@ -368,6 +411,13 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--batch", type=int, default=32)
     p.set_defaults(fn=cmd_overhead)
+
+    p = sub.add_parser("qat_steptime")
+    p.add_argument("--steps", type=int, default=20, help="steps per block")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch", type=int, default=32)
+    p.set_defaults(fn=cmd_qat_steptime)
 
     args = parser.parse_args(argv)
     args.fn(args)

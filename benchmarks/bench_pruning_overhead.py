@@ -3,7 +3,10 @@
 Model: ``MobileNetV2(alpha=0.35, input_shape=(96, 96, 3), weights=None,
 classes=10)``, batch 32, one synthetic batch repeated (tf.data), Adam(1e-3).
 Variants: the plain model, and the model pruned with
-``ConstantSparsity(0.5, begin_step=0, frequency=100)`` and ``frequency=1``.
+``ConstantSparsity(0.5, begin_step=0, frequency=100)`` and ``frequency=1``
+(the targets), plus ``PolynomialDecay(0, 0.5, 0, 100_000, frequency=1)``,
+whose sparsity changes at every step (no target: it shows the cost of a
+real mask update at every step, on both sides).
 
 Method (the same on both sides, each side in its own process):
 
@@ -11,13 +14,14 @@ Method (the same on both sides, each side in its own process):
    `fit` (traces the train function).
 2. Round-robin for R rounds: for each variant, one `fit(steps_per_epoch=K)`
    block (the variant order rotates every round). A callback listed first
-   times the block from the first batch's begin to the last batch's end, so
+   times every step from its batch-begin hook to its batch-end hook, so
    `fit`'s own setup is excluded and the pruning callback's per-batch work is
-   included. K defaults to 100: every block holds exactly one mask update at
+   included; a block's figure is the mean of its step times (a mean, not a
+   median, so that a mask update every 100 steps is counted). K defaults to 100: every block holds exactly one mask update at
    frequency=100.
-3. Per variant: the median over rounds of the block's mean step time; the
-   ratio = median over rounds of (variant / plain in the same round). The
-   ratio of the medians is reported too.
+3. Per variant: the median over rounds of the block figure; the ratio =
+   median over rounds of (variant / plain in the same round). The ratio of
+   the medians is reported too.
 
 tfopt runs in this process (Keras 3); TFMOT runs on tf_keras in
 `_tfmot_runner.py overhead` (a subprocess with TF_USE_LEGACY_KERAS=1).
@@ -53,20 +57,31 @@ import tensorflow as tf  # noqa: E402
 import tfopt  # noqa: E402
 import tfopt.callbacks  # noqa: E402
 
-VARIANTS = {"plain": None, "freq100": 100, "freq1": 1}
+# PolynomialDecay at frequency=1 over a long ramp: the sparsity changes at
+# every measured step, so masks really are recomputed at every step (with
+# ConstantSparsity, monotone masks stop changing after the first update).
+POLY_END_STEP = 100_000
+VARIANTS = {
+    "plain": None,
+    "freq100": lambda: tfopt.ConstantSparsity(0.5, begin_step=0, frequency=100),
+    "freq1": lambda: tfopt.ConstantSparsity(0.5, begin_step=0, frequency=1),
+    "poly_freq1": lambda: tfopt.PolynomialDecay(0.0, 0.5, begin_step=0, end_step=POLY_END_STEP, frequency=1),
+}
 TARGETS = {"freq100": 1.05, "freq1": 1.15}
 TARGET_VS_TFMOT = 0.05
 
 
 class BlockTimer(keras.callbacks.Callback):
-    """Wall time of one fit call, first batch begin to last batch end (listed first)."""
+    """Per-step wall times of one fit call, each from a batch's begin hook to its end hook (listed first)."""
+
+    def on_train_begin(self, logs=None):
+        self.steps = []
 
     def on_train_batch_begin(self, batch, logs=None):
-        if batch == 0:
-            self.t0 = time.perf_counter()
+        self.t0 = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
-        self.t1 = time.perf_counter()
+        self.steps.append(time.perf_counter() - self.t0)
 
 
 class TimedUpdatePruningStep(tfopt.callbacks.UpdatePruningStep):
@@ -110,11 +125,11 @@ def mobilenet(seed=0):
 
 def build_tfopt_variants():
     models, callbacks = {}, {}
-    for name, freq in VARIANTS.items():
+    for name, schedule in VARIANTS.items():
         model = mobilenet(seed=0)
         cbs = [BlockTimer()]
-        if freq is not None:
-            model = tfopt.prune_low_magnitude(model, tfopt.ConstantSparsity(0.5, begin_step=0, frequency=freq))
+        if schedule is not None:
+            model = tfopt.prune_low_magnitude(model, schedule())
             cbs.append(TimedUpdatePruningStep())
         model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=keras.losses.SparseCategoricalCrossentropy())
         models[name], callbacks[name] = model, cbs
@@ -131,7 +146,7 @@ def measure_tfopt(steps, rounds, warmup, batch):
     def block(name, k):
         models[name].fit(dataset, epochs=1, steps_per_epoch=k, verbose=0, callbacks=callbacks[name])
         timer = callbacks[name][0]
-        return (timer.t1 - timer.t0) / k
+        return statistics.fmean(timer.steps)
 
     for name in VARIANTS:
         t0 = time.perf_counter()

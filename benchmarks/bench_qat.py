@@ -134,19 +134,21 @@ def bench_ptq():
                                          "machine": C.machine_info()}))
 
 
-def bench_steptime(rounds=5, steps=6):
+def bench_steptime(rounds=5, steps=20, warmup=3, batch=32):
+    """QAT train-step time vs the float model, interleaved; TFMOT measured the same way in its own process."""
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
-    x = rng.random((32, 96, 96, 3), dtype=np.float32)
-    y = rng.integers(0, 10, 32).astype("int32")
+    x = rng.random((batch, 96, 96, 3), dtype=np.float32)
+    y = rng.integers(0, 10, batch).astype("int32")
     models = {}
     for name in ("float", "qat"):
+        keras.utils.set_random_seed(0)
         m = keras.applications.MobileNetV2(input_shape=(96, 96, 3), alpha=0.35, weights=None, classes=10)
         if name == "qat":
             m = qat.quantize_model(m)
         m.compile(keras.optimizers.SGD(1e-3), "sparse_categorical_crossentropy")
-        m.train_on_batch(x, y)  # trace
-        m.train_on_batch(x, y)
+        for _ in range(warmup):  # the first call traces
+            m.train_on_batch(x, y)
         models[name] = m
 
     def block(name):
@@ -158,10 +160,16 @@ def bench_steptime(rounds=5, steps=6):
 
     times = C.round_robin(["float", "qat"], rounds, block)
     ratios = C.paired_ratios(times, "float")
-    rows = [[n, f"{C.median(times[n]) * 1000:.1f}", f"{ratios[n]['median']:.2f}"] for n in ("float", "qat")]
+    tfmot = C.run_tfmot("qat_steptime", "--steps", steps, "--rounds", rounds, "--warmup", warmup, "--batch", batch)
+    tfmot_ratios = C.paired_ratios(tfmot["times_s"], "float")
+    rows = [[n, f"{C.median(times[n]) * 1000:.1f}", f"{ratios[n]['median']:.2f}x"] for n in ("float", "qat")]
+    rows += [[f"TFMOT {n}", f"{C.median(tfmot['times_s'][n]) * 1000:.1f}", f"{tfmot_ratios[n]['median']:.2f}x"]
+             for n in ("float", "qat")]
     C.print_table("MobileNetV2 0.35 96x96 batch 32: train step", ["model", "median ms/step", "ratio vs float"], rows)
     print(C.write_results("qat_steptime", {"times_s": times, "ratios": ratios, "rounds": rounds, "steps_per_block": steps,
-                                           "tfmot_ratio_reference": 1.94, "machine": C.machine_info()}))
+                                           "batch": batch, "tfmot": {"times_s": tfmot["times_s"], "ratios": tfmot_ratios,
+                                                                     "versions": tfmot["versions"]},
+                                           "machine": C.machine_info()}))
 
 
 if __name__ == "__main__":
