@@ -125,6 +125,47 @@ def test_bn_folding_training_uses_batch_stats_and_freezes():
     np.testing.assert_array_equal(w.batch_norm.moving_mean.numpy(), frozen)
 
 
+def test_bn_fold_training_shortcut_equals_the_bn_layer_on_the_unfolded_conv():
+    """`_batch_stats_forward` = BN(training=True) of ``y / s + b``: outputs, moving statistics, gradients."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((6, 6, 3))
+    out = L.BatchNormalization(name="bn", momentum=0.9)(L.Conv2D(4, 3, name="conv")(inp))
+    q = qat.quantize_model(keras.Model(inp, out))
+    w = _wrapper(q, "conv")
+    bn = w.batch_norm
+    bn.gamma.assign(np.array([1.5, -0.7, 0.0, 2.0], np.float32))  # negative and zero gamma included
+    bn.moving_variance.assign(np.array([0.5, 2.0, 1.0, 3.0], np.float32))
+    reference = L.BatchNormalization(momentum=0.9)
+    reference.build((None, 4, 4, 4))
+    reference.set_weights(bn.get_weights())
+    rng = np.random.default_rng(0)
+    y = tf.constant(rng.normal(1.0, 2.0, (8, 4, 4, 4)).astype(np.float32))
+    b = tf.constant(rng.normal(size=4).astype(np.float32))
+    s = bn.gamma / ops.sqrt(bn.moving_variance + bn.epsilon)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(y)
+        got = w._batch_stats_forward(y, b, s)
+        safe_s = tf.where(tf.abs(s) < 1e-12, 1e-12, s)
+        want = reference(y / safe_s + b, training=True)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), reference.moving_mean.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), reference.moving_variance.numpy(), rtol=1e-5, atol=1e-6)
+    g_got = tape.gradient(got, [y, bn.gamma, bn.beta])
+    g_want = tape.gradient(want, [y, reference.gamma, reference.beta])
+    for a, e in zip(g_got, g_want):
+        np.testing.assert_allclose(a.numpy(), e.numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_relu_outputs_skip_the_min_reduction_and_keep_zero_as_the_low_end(cnn, data):
+    x, _ = data
+    q = qat.quantize_model(cnn)
+    relu = _wrapper(q, "relu_a")
+    assert relu._out_quantizers[0].non_negative
+    assert not _wrapper(q, "logits")._out_quantizers[0].non_negative
+    q(x, training=True)
+    assert float(relu._out_vars[0]["min"].numpy()) == 0.0 and float(relu._out_vars[0]["max"].numpy()) > 0.0
+
+
 def test_input_range_starts_from_first_batch(cnn, data):
     x, y = data
     q = qat.quantize_model(cnn)

@@ -337,7 +337,9 @@ class QuantizeWrapper(keras.layers.Wrapper):
         act = self._activation() if _kernel_paths(self.layer) else _weightless_activation(self.layer)
         if act in _FIXED_OUTPUT:
             return [FixedRangeQuantizer(*_FIXED_OUTPUT[act])] * self.num_outputs
-        return [MovingAverageQuantizer(ema_decay=self.ema_decay) for _ in range(self.num_outputs)]
+        # A ReLU output is never negative: its range starts at 0 with no reduction over the batch.
+        relu_out = act in ("relu", "relu6") or relu_kind(self.layer) is not None
+        return [MovingAverageQuantizer(ema_decay=self.ema_decay, non_negative=relu_out) for _ in range(self.num_outputs)]
 
     def build(self, input_shape=None):
         super().build(input_shape)
@@ -509,24 +511,46 @@ class QuantizeWrapper(keras.layers.Wrapper):
         bn = self.batch_norm
         beta = bn.beta if bn.center else ops.zeros_like(bn.moving_mean)
         b = bias if bias is not None else ops.zeros_like(bn.moving_mean)
-        folded = y + beta + (b - bn.moving_mean) * s
+
+        def folded():
+            return y + (beta + (b - bn.moving_mean) * s)
+
         if not training:
-            return folded
+            return folded()
         self.step.assign_add(1)
         if self.freeze_bn_delay is not None:
-            return ops.cond(
-                self.step > self.freeze_bn_delay,
-                lambda: folded,
-                lambda: self._batch_stats_forward(y, b, s),
-            )
+            return ops.cond(self.step > self.freeze_bn_delay, folded, lambda: self._batch_stats_forward(y, b, s))
         return self._batch_stats_forward(y, b, s)
 
     def _batch_stats_forward(self, y, b, s):
+        """BN with batch statistics of the unfolded pre-activation ``z = y / s + b``, without forming `z`.
+
+        Per channel, ``mean(z) = mean(y) / s + b`` and ``var(z) = var(y) / s**2``, so
+        ``gamma * (z - mean(z)) / sqrt(var(z) + eps) + beta
+        = gamma * sign(s) * (y - mean(y)) / sqrt(var(y) + eps * s**2) + beta``:
+        the same function of y, gamma, beta and the moving statistics, with two
+        elementwise passes over the activation fewer (forward and backward).
+        The moving statistics are updated exactly as the BN layer would.
+        """
         bn = self.batch_norm
-        # Undo the scale so the BN layer sees the unfolded pre-activation and
-        # normalizes with batch statistics (updating its moving statistics).
-        safe_s = ops.where(ops.abs(s) < 1e-12, 1e-12, s)
-        return bn(y / safe_s + b, training=True)
+        s = ops.cast(s, "float32")
+        safe_s = ops.where(ops.abs(s) < 1e-12, 1e-12, s)  # gamma == 0 gives s == 0
+        if bn.renorm or bn.synchronized or not bn.trainable:
+            # Keras' own code path for what the shortcut does not cover. (A
+            # frozen BN uses its moving statistics in training too.)
+            return bn(y / ops.cast(safe_s, y.dtype) + b, training=True)
+        x = ops.cast(y, "float32")
+        mean_y, var_y = ops.moments(x, axes=tuple(range(len(x.shape) - 1)))
+        m = bn.momentum
+        bn.moving_mean.assign(bn.moving_mean * m + (mean_y / safe_s + ops.cast(b, "float32")) * (1.0 - m))
+        bn.moving_variance.assign(bn.moving_variance * m + (var_y / ops.square(safe_s)) * (1.0 - m))
+        sign = ops.where(s < 0, -1.0, 1.0)
+        gamma = ops.cast(bn.gamma, "float32") if bn.scale else ops.ones_like(s)
+        beta = ops.cast(bn.beta, "float32") if bn.center else None
+        out = ops.batch_normalization(
+            x, mean_y, var_y + bn.epsilon * ops.square(s), axis=-1, offset=beta, scale=gamma * sign, epsilon=0.0
+        )
+        return ops.cast(out, bn.compute_dtype)
 
     # ----- config --------------------------------------------------------------
 

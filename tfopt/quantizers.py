@@ -83,7 +83,7 @@ def symmetric_range(w, axis=None):
     return -m, m
 
 
-def moving_average_range(x, min_var, max_var, initialized_var, ema_decay):
+def moving_average_range(x, min_var, max_var, initialized_var, ema_decay, non_negative=False):
     """Updates and returns an activation range from the batch `x`.
 
     The first call (``initialized_var == 0``) copies the batch range; later
@@ -95,11 +95,13 @@ def moving_average_range(x, min_var, max_var, initialized_var, ema_decay):
         min_var, max_var: scalar float variables holding the range.
         initialized_var: scalar float variable, 0 until the first update.
         ema_decay: float in [0, 1).
+        non_negative: `x` is known to be >= 0 (a ReLU output), so
+            ``min(min(x), 0) == 0`` and the reduction over `x` is skipped.
 
     Returns:
         ``(min, max)`` tensors after the update (the variables are assigned).
     """
-    batch_min = ops.minimum(ops.min(x), 0.0)
+    batch_min = ops.zeros((), x.dtype) if non_negative else ops.minimum(ops.min(x), 0.0)
     batch_max = ops.maximum(ops.max(x), 0.0)
     first = ops.equal(initialized_var, 0.0)
     new_min = ops.where(first, batch_min, ema_decay * min_var + (1.0 - ema_decay) * batch_min)
@@ -184,14 +186,18 @@ class MovingAverageQuantizer(Quantizer):
         num_bits: bit width.
         ema_decay: moving-average decay in [0, 1).
         narrow_range: use ``2**num_bits - 2`` levels.
+        non_negative: the input is known to be >= 0 (e.g. a ReLU output):
+            the range's lower end is 0 without reducing over the batch (one
+            pass over the activation less per training step).
     """
 
-    def __init__(self, num_bits=8, ema_decay=0.99, narrow_range=False):
+    def __init__(self, num_bits=8, ema_decay=0.99, narrow_range=False, non_negative=False):
         if not 0.0 <= float(ema_decay) < 1.0:
             raise ValueError(f"`ema_decay` must be in [0, 1). Received: ema_decay={ema_decay!r}")
         self.num_bits = int(num_bits)
         self.ema_decay = float(ema_decay)
         self.narrow_range = bool(narrow_range)
+        self.non_negative = bool(non_negative)
 
     def build(self, tensor_shape, name, layer):
         def var(suffix, value):
@@ -210,13 +216,20 @@ class MovingAverageQuantizer(Quantizer):
     def __call__(self, inputs, training, weights):
         x = ops.cast(inputs, "float32")
         if training:
-            lo, hi = moving_average_range(x, weights["min"], weights["max"], weights["initialized"], self.ema_decay)
+            lo, hi = moving_average_range(
+                x, weights["min"], weights["max"], weights["initialized"], self.ema_decay, self.non_negative
+            )
         else:
             lo, hi = weights["min"], weights["max"]
         return ops.cast(fake_quant(x, lo, hi, self.num_bits, self.narrow_range), inputs.dtype)
 
     def get_config(self):
-        return {"num_bits": self.num_bits, "ema_decay": self.ema_decay, "narrow_range": self.narrow_range}
+        return {
+            "num_bits": self.num_bits,
+            "ema_decay": self.ema_decay,
+            "narrow_range": self.narrow_range,
+            "non_negative": self.non_negative,
+        }
 
 
 @keras.saving.register_keras_serializable(package="tfopt")
