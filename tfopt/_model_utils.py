@@ -62,7 +62,13 @@ def make_filter(filters):
 
 
 def copy_layer(layer, weights=None):
-    """A new, built layer with the same config and weights (never shares state)."""
+    """A new, built layer with the same config and weights (never shares state).
+
+    Op nodes of a Functional graph (`x * 2.0` becomes a `keras.ops` operation, not a layer) have no
+    state: they are returned as they are.
+    """
+    if not isinstance(layer, keras.layers.Layer):
+        return layer
     new = type(layer).from_config(layer.get_config())
     if layer.built:
         build_config = layer.get_build_config()

@@ -1,0 +1,239 @@
+"""Knowledge distillation on `keras.distillation` (Keras 3.12+): `distill`, `strip_distillation`.
+
+`distill(teacher, student)` returns a `keras.distillation.Distiller` with one
+`keras.distillation.LogitsDistillation` loss: nothing is reimplemented. It
+minimizes ::
+
+    alpha * L_student(y, s) + (1 - alpha) * T^2 * KL(softmax(t / T) || softmax(s / T))
+
+with ``t`` and ``s`` the teacher's and the student's logits and ``T`` the
+`temperature` (Hinton et al., 2015; the ``T^2`` keeps the soft term's
+gradients at the scale of the hard one). ``L_student`` is the loss given to
+``distiller.compile(loss=...)``.
+
+What tfopt adds around it:
+
+- The KL term really is the one above: tfopt passes a
+  `keras.losses.KLDivergence` instance, because with LogitsDistillation's
+  default ``loss="kl_divergence"`` (a string, resolved to the plain function)
+  Keras 3.15 skips the softmax and the ``T^2`` and takes the KL divergence of
+  the clipped, scaled logits.
+- Validation first, with messages that say what to fix: both models built,
+  the same input and output shapes, logits out (not softmax / sigmoid
+  probabilities), a positive temperature, ``alpha`` in [0, 1].
+- The teacher you pass is untouched: the Distiller freezes (sets
+  ``trainable = False`` on) a copy of it, not your model.
+- The student is trained in place (``distiller.student is student``), and may
+  be a pruning model (train with `tfopt.callbacks.UpdatePruningStep`, which
+  finds its wrappers inside the Distiller), a clustering model or a QAT
+  model. `strip_distillation` returns it ready for
+  `tfopt.tflite_export.convert`.
+"""
+
+import numbers
+
+import keras
+
+from tfopt import _model_utils as mu
+
+__all__ = ["distill", "strip_distillation"]
+
+_PROBABILITY_ACTIVATIONS = ("softmax", "sigmoid", "log_softmax")
+
+
+def _activation_name(fn):
+    if fn is None:
+        return "linear"
+    name = keras.activations.serialize(fn)
+    if isinstance(name, dict):
+        name = name.get("config", name.get("class_name"))
+    return name if isinstance(name, str) else getattr(fn, "__name__", str(fn))
+
+
+def _output_layers(model):
+    if isinstance(model, keras.Sequential):
+        return [model.layers[-1]] if model.layers else []
+    return [t._keras_history.operation for t in keras.tree.flatten(model.outputs)]
+
+
+def _final_activation(layer):
+    """The activation applied last by `layer` (unwrapping wrappers and nested models), or None."""
+    while True:
+        if isinstance(layer, keras.Model):
+            outputs = _output_layers(layer)
+            if len(outputs) != 1:
+                return None
+            layer = outputs[0]
+        elif isinstance(layer, keras.layers.Wrapper):
+            layer = layer.layer
+        else:
+            break
+    if isinstance(layer, keras.layers.Softmax):
+        return "softmax"
+    if isinstance(layer, keras.layers.Activation) or hasattr(layer, "activation"):
+        return _activation_name(getattr(layer, "activation", None))
+    return None
+
+
+def _check_model(model, arg_name):
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"`{arg_name}` must be a keras Model. Received: {arg_name}={model!r} of type {type(model).__name__}"
+        )
+    if not model.built:
+        raise ValueError(
+            f"`{arg_name}` must be built: give it an Input (e.g. `keras.Input(shape=...)` as its first layer) or "
+            f"call `{arg_name}.build(input_shape)` first. Received: {arg_name}={model.name!r} (not built)"
+        )
+    for layer in _output_layers(model) if mu.is_graph_model(model) else []:
+        act = _final_activation(layer)
+        if act in _PROBABILITY_ACTIVATIONS:
+            raise ValueError(
+                f"The {arg_name} must output logits, but its output layer {mu.describe(layer)} applies {act!r}: "
+                "distillation softens logits with the temperature, which probabilities no longer allow. Rebuild "
+                f"it with `activation=None` on that layer (and train with `from_logits=True` losses). "
+                f"Received: {arg_name}={model.name!r}"
+            )
+
+
+def _shapes(tensors):
+    return [tuple(t.shape[1:]) for t in keras.tree.flatten(tensors)]
+
+
+def _check_number(name, value, low, high, low_open, message):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a number: {message}. Received: {name}={value!r}")
+    too_low = value <= low if low_open else value < low
+    if too_low or (high is not None and value > high):
+        raise ValueError(f"`{name}` must be {message}. Received: {name}={value!r}")
+
+
+def distill(teacher, student, temperature=3.0, alpha=0.1):
+    """Returns a `keras.distillation.Distiller` that trains `student` to match `teacher`'s logits.
+
+    The loss is ``alpha * student_loss + (1 - alpha) * T^2 * KL`` between the
+    teacher's and the student's temperature-softened softmax (see the module
+    docstring); ``student_loss`` is what you pass to ``compile(loss=...)``.
+    Compile and fit the returned model like any other; the teacher runs in
+    inference mode and is not trained. Afterwards ``distiller.student`` (the
+    model you passed, trained in place) is the result, and
+    `tfopt.strip_distillation` returns it ready for export.
+
+    Args:
+        teacher: a trained, built Sequential or Functional model that outputs
+            logits. It is not modified: a frozen copy is distilled from.
+        student: a built model with the teacher's input and output shapes
+            that outputs logits; may be pruned (`tfopt.prune_low_magnitude`:
+            add `tfopt.callbacks.UpdatePruningStep()` to `fit`), clustered
+            (`tfopt.cluster_weights`) or QAT-wrapped (`tfopt.quantize_model`).
+        temperature: softmax temperature ``T > 0`` for both models' logits
+            (default 3.0, `keras.distillation.LogitsDistillation`'s).
+        alpha: weight in [0, 1] of the student's own loss on the labels;
+            ``1 - alpha`` weighs the distillation term (default 0.1, as in
+            the Keras knowledge-distillation example).
+
+    Returns:
+        A `keras.distillation.Distiller` (``.student``, ``.teacher``); call
+        ``compile(optimizer, loss=..., metrics=[...])`` then ``fit(x, y)``.
+
+    Raises:
+        TypeError: a model is not a keras Model, or `temperature` / `alpha`
+            is not a number.
+        ValueError: an unbuilt model, a subclassed teacher, the same object
+            as teacher and student, mismatched input or output shapes, a
+            model that outputs probabilities, ``temperature <= 0`` or
+            `alpha` outside [0, 1].
+
+    Example:
+        >>> distiller = tfopt.distill(teacher, student, temperature=3.0, alpha=0.1)
+        >>> distiller.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        ...                   metrics=["accuracy"])
+        >>> distiller.fit(x_train, y_train, epochs=8)
+        >>> tfl = tfopt.tflite_export.convert(tfopt.strip_distillation(distiller), mode="float32")
+    """
+    _check_model(teacher, "teacher")
+    _check_model(student, "student")
+    if teacher is student:
+        raise ValueError(
+            "`teacher` and `student` are the same model: pass a separate (smaller) student, e.g. built by "
+            f"the same function with fewer filters. Received: teacher=student={teacher.name!r}"
+        )
+    if not mu.is_graph_model(teacher):
+        raise ValueError(
+            f"`teacher` must be a Sequential or Functional model: distill freezes a copy of it so that your "
+            f"model stays trainable, and a subclassed model cannot be copied. Rebuild it with the Functional "
+            f"API. Received: teacher={type(teacher).__name__}"
+        )
+    for side in ("inputs", "outputs"):
+        t = getattr(teacher, side, None)
+        s = getattr(student, side, None)
+        if t is None or s is None:
+            continue
+        ts, ss = _shapes(t), _shapes(s)
+        if len(ts) != len(ss) or any(
+            len(a) != len(b) or any(x is not None and y is not None and x != y for x, y in zip(a, b))
+            for a, b in zip(ts, ss)
+        ):
+            raise ValueError(
+                f"The teacher and the student must have the same {side[:-1]} shapes (batch excluded): the student "
+                f"learns the teacher's {'logits' if side == 'outputs' else 'function'} on the same data. "
+                f"Received: teacher {side}={ts}, student {side}={ss}"
+            )
+    _check_number("temperature", temperature, 0.0, None, True, "a positive temperature, e.g. 3.0")
+    _check_number("alpha", alpha, 0.0, 1.0, False, "in [0, 1] (the weight of the student's own loss)")
+
+    # Op nodes (`x * 2.0`) are stateless Operations, not Layers: shared as they are.
+    frozen = mu.clone(teacher, lambda l: mu.copy_layer(l) if isinstance(l, keras.layers.Layer) else l)
+    return keras.distillation.Distiller(
+        teacher=frozen,
+        student=student,
+        # A KLDivergence *instance*: LogitsDistillation's default loss string
+        # "kl_divergence" resolves to the plain function, which fails its
+        # isinstance(KLDivergence) check, so Keras 3.15 then applies KL to the
+        # scaled logits themselves (no softmax, no T^2). Measured in
+        # tests/test_distillation.py::test_loss_matches_the_numpy_formula.
+        distillation_losses=keras.distillation.LogitsDistillation(
+            temperature=float(temperature), loss=keras.losses.KLDivergence()
+        ),
+        student_loss_weight=float(alpha),
+        name=f"distill_{student.name}",
+    )
+
+
+def strip_distillation(distiller):
+    """The trained student of a `distill` run, ready for `tfopt.tflite_export.convert`.
+
+    Pruning wrappers are stripped (`tfopt.strip_pruning`) and clustering
+    wrappers too (`tfopt.strip_clustering`); a QAT student is returned as it
+    is (the converter reads its fake-quant ranges).
+
+    Args:
+        distiller: a `keras.distillation.Distiller` (e.g. from `tfopt.distill`).
+
+    Returns:
+        A new, stripped model when the student holds pruning or clustering
+        layers, else ``distiller.student`` itself.
+
+    Raises:
+        TypeError: `distiller` is not a `keras.distillation.Distiller`.
+
+    Example:
+        >>> student = tfopt.strip_distillation(distiller)
+        >>> tfopt.tflite_export.convert(student, target="mobile", representative_data=x[:300])
+    """
+    if not isinstance(distiller, keras.distillation.Distiller):
+        raise TypeError(
+            "`distiller` must be the keras.distillation.Distiller returned by `tfopt.distill` (for a plain model, "
+            f"use tfopt.strip_pruning / tfopt.strip_clustering). Received: distiller={distiller!r} of type "
+            f"{type(distiller).__name__}"
+        )
+    from tfopt.clustering import ClusterWeights, strip_clustering
+    from tfopt.pruning import PruneLowMagnitude, strip_pruning
+
+    student = distiller.student
+    layers = student._flatten_layers(include_self=False, recursive=True)
+    if any(isinstance(l, PruneLowMagnitude) for l in layers):
+        student = strip_pruning(student)
+    if any(isinstance(l, ClusterWeights) for l in student._flatten_layers(include_self=False, recursive=True)):
+        student = strip_clustering(student)
+    return student
