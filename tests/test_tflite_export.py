@@ -109,7 +109,7 @@ def test_qat_model_converts_without_representative_data(qat, rep):
 
 
 @pytest.mark.slow
-def test_qat_detector_is_used_when_tfopt_provides_one(qat, monkeypatch):
+def test_convert_asks_is_quantized_model_for_the_qat_path(qat, monkeypatch):
     seen = []
 
     def is_quantized_model(model):

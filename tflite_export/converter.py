@@ -237,15 +237,13 @@ def _load_model(model):
         ) from None
 
 
-def _strip_pruning(model):
+def _strip_wrappers(model):
+    """The model with tfopt's training wrappers (pruning, clustering) stripped."""
     import tfopt
 
-    wrapper = getattr(tfopt, "PruneLowMagnitude", None)
-    strip = getattr(tfopt, "strip_pruning", None)
-    if wrapper is None or strip is None:
-        return model
-    if any(isinstance(layer, wrapper) for layer in model._flatten_layers()):
-        return strip(model)
+    for wrapper, strip in ((tfopt.PruneLowMagnitude, tfopt.strip_pruning), (tfopt.ClusterWeights, tfopt.strip_clustering)):
+        if any(isinstance(layer, wrapper) for layer in model._flatten_layers()):
+            model = strip(model)
     return model
 
 
@@ -280,21 +278,6 @@ def _input_spec(model, has_data):
         )
     t = inputs[0]
     return tuple(t.shape), str(t.dtype), getattr(t, "name", "input")
-
-
-def _qat_detector():
-    """`is_quantized_model(model) -> bool` from tfopt's QAT module, or None where it does not exist."""
-    import importlib
-
-    import tfopt
-
-    detect = getattr(tfopt, "is_quantized_model", None)
-    if detect is None:
-        try:
-            detect = getattr(importlib.import_module("tfopt.qat"), "is_quantized_model", None)
-        except ImportError:
-            detect = None
-    return detect
 
 
 def _layer_resolver(model):
@@ -678,12 +661,13 @@ def convert(
     layer = _layer_resolver(keras_model)
     qat = _qat
     if keras_model is not None:
-        keras_model = _strip_pruning(keras_model)
+        keras_model = _strip_wrappers(keras_model)
         _check_weights(keras_model)
         shape, dtype, name = _input_spec(keras_model, representative_data is not None)
         if qat is None:
-            detect = _qat_detector()
-            qat = bool(detect(keras_model)) if detect is not None else None
+            import tfopt
+
+            qat = tfopt.is_quantized_model(keras_model)
     samples = None
     tmp = tempfile.mkdtemp(prefix="tfopt-export-")
     try:

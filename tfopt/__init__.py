@@ -6,7 +6,11 @@ TPU and microcontrollers (`tfopt.tflite_export`). Callbacks live in
 `tfopt.callbacks`.
 """
 
-from tfopt import quantizers
+from tfopt import clustering, quantizers
+from tfopt.channel_pruning import ChannelPruningReport, channel_report, prune_channels
+from tfopt.clustering import ClusteringReport, ClusterWeights, cluster_weights, clustering_report, strip_clustering
+from tfopt.distillation import distill, strip_distillation
+from tfopt.low_rank import LowRankReport, low_rank_factorize
 from tfopt.pruning import PruneLowMagnitude, SparsityReport, prune_low_magnitude, sparsity_report, strip_pruning
 from tfopt.qat import is_quantized_model, quantize_annotate_layer, quantize_annotate_model, quantize_apply, quantize_model
 from tfopt.qat_layers import QuantizeAnnotate, QuantizeConfig, QuantizeLayer, QuantizeWrapper
@@ -16,8 +20,12 @@ from tfopt.schedules import ConstantSparsity, PolynomialDecay, PruningSchedule
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChannelPruningReport",
+    "ClusterWeights",
+    "ClusteringReport",
     "ConstantSparsity",
     "LayerSpec",
+    "LowRankReport",
     "PolynomialDecay",
     "PruneLowMagnitude",
     "PruningSchedule",
@@ -26,7 +34,14 @@ __all__ = [
     "QuantizeLayer",
     "QuantizeWrapper",
     "SparsityReport",
+    "channel_report",
+    "cluster_weights",
+    "clustering",
+    "clustering_report",
+    "distill",
     "is_quantized_model",
+    "low_rank_factorize",
+    "prune_channels",
     "prune_low_magnitude",
     "quantize_annotate_layer",
     "quantize_annotate_model",
@@ -35,6 +50,8 @@ __all__ = [
     "quantizers",
     "register_layer",
     "sparsity_report",
+    "strip_clustering",
+    "strip_distillation",
     "strip_pruning",
 ]
 
