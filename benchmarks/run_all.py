@@ -32,6 +32,8 @@ SCRIPTS = [
     (["bench_pruning_overhead.py"], ["pruning_overhead"]),
     (["bench_qat.py", "all"], ["qat_agreement", "qat_vs_ptq", "qat_steptime"]),
     (["bench_export.py"], ["export"]),
+    (["bench_channel_pruning.py"], ["channel_pruning"]),
+    (["bench_compression.py", "all"], ["compression"]),
 ]
 
 
@@ -166,7 +168,11 @@ def _qat(lines):
             f"| {p['float_accuracy']:.2%} | {p['ptq_int8_accuracy']:.2%} | {p['qat_int8_accuracy']:.2%} | "
             f"{100 * p['ptq_drop']:+.2f} points | {'n/a (no drop)' if rec is None else f'{rec:.0%}'} |"
         )
-        lines.append("")
+        if rec is None:
+            verdict = "PTQ lost nothing here, so there was no drop to recover"
+        else:
+            verdict = _met(rec >= 0.5)
+        lines.append(f"\nTarget: QAT recovers at least half of the PTQ drop: {verdict}.\n")
     t = _load("qat_steptime")
     if t:
         r = t["ratios"]["qat"]["median"]
@@ -177,6 +183,116 @@ def _qat(lines):
             f"{r:.2f}x a plain step (target <= 1.5x: {_met(r <= 1.5)}); TFMOT on tf_keras, same script and method: "
             f"{'n/a' if theirs is None else f'{theirs:.2f}x'}.\n"
         )
+
+
+def _ms(stat, fmt, n):
+    """'mean ± std' of a summary stat (just the mean for one seed)."""
+    cell = fmt.format(stat["mean"])
+    if n > 1:
+        cell += " ± " + fmt.replace("+", "").replace("x", "").format(stat["std"])
+    return cell
+
+
+def _target_note(t, key, label, fmt):
+    if key not in t:
+        return None
+    x = t[key]
+    return f"{label}: {fmt.format(x['mean'])} -> {_met(x['met_on_mean'])}"
+
+
+def _compression(lines):
+    d = _load("compression")
+    if not d:
+        lines.append("_Clustering, low-rank factorization, distillation: not measured yet "
+                     "(`python benchmarks/bench_compression.py all`)._\n")
+        return
+    t = d.get("targets", {})
+    c = d.get("clustering")
+    if c:
+        s, r, n = c["summary"], c["recipe"], len(c["runs"])
+        lines.append(
+            f"**Weight clustering** (`benchmarks/bench_compression.py clustering`; the MNIST recipe's float model, "
+            f"{r['float_epochs']} epochs, then `cluster_weights(model, {r['clusters']})` ({r['cluster_init']} init) "
+            f"fine-tuned {r['cluster_epochs']} epochs at Adam({r['cluster_lr']:g}), stripped; TFLite float32, gzip -9; "
+            f"mean ± std of {n} seeds):\n"
+        )
+        lines.append("| float accuracy | clustered accuracy | drop (points) | float TFLite gzip (B) | clustered TFLite gzip (B) | gzip ratio |")
+        lines.append("|---|---|---|---|---|---|")
+        lines.append(
+            f"| {_ms(s['float_accuracy'], '{:.2%}', n)} | {_ms(s['clustered_accuracy'], '{:.2%}', n)} | "
+            f"{_ms(s['drop_points'], '{:+.2f}', n)} | {s['float_tflite_gzip']['mean']:,.0f} | "
+            f"{s['clustered_tflite_gzip']['mean']:,.0f} | {_ms(s['gzip_ratio'], '{:.2f}x', n)} |"
+        )
+        cq = c.get("cqat_seed0")
+        if cq:
+            def per_op(v, op):
+                return max([k["distinct"] for k in v["kernels"].values() if k["op"] == op], default=0)
+
+            lines.append(
+                "\nCluster-preserving QAT (seed 0; `quantize_model` of the stripped model, 1 QAT epoch), distinct int8 "
+                "values per kernel in the exported file: "
+                f"with `tfopt.clustering.constrain_to_clusters` Dense {per_op(cq['constrained'], 'FULLY_CONNECTED')}, "
+                f"Conv {per_op(cq['constrained'], 'CONV_2D')} (per-channel scales); plain QAT Dense "
+                f"{per_op(cq['plain_qat'], 'FULLY_CONNECTED')}, Conv {per_op(cq['plain_qat'], 'CONV_2D')}. "
+                f"int8 accuracy {cq['constrained']['int8_accuracy']:.2%} vs {cq['plain_qat']['int8_accuracy']:.2%}.\n"
+            )
+        notes = [x for x in (
+            _target_note(t, "clustering_drop_points_le_1", "drop <= 1 point", "{:+.2f}"),
+            _target_note(t, "clustering_gzip_ratio_ge_3", "float TFLite gzip >= 3x smaller", "{:.2f}x"),
+        ) if x]
+        if notes:
+            lines.append("Targets: " + "; ".join(notes) + ".\n")
+    lr = d.get("low_rank")
+    if lr:
+        r, n = lr["recipe"], len(lr["runs"])
+        lines.append(
+            f"**Low-rank factorization** (`benchmarks/bench_compression.py low_rank`; Dense-heavy variant "
+            f"`mnist_cnn(dense_units={r['dense_units']})`, float {r['float_epochs']} epochs "
+            f"({_ms(lr['summary']['float_accuracy'], '{:.2%}', n)}), `low_rank_factorize`, then {r['low_rank_epochs']} "
+            f"epochs of fine-tuning at Adam({r['low_rank_lr']:g}); mean ± std of {n} seeds; the target is read at the "
+            f"recipe point, Dense layers at energy {r['recipe_energy']}):\n"
+        )
+        lines.append("| layers | energy | fewer parameters in factorized layers | accuracy before fine-tuning | accuracy after | drop (points) |")
+        lines.append("|---|---|---|---|---|---|")
+        for p in lr["summary"]["curve"]:
+            scope = "Dense" if p["scope"] == "dense" else "all Dense + Conv2D (defaults)"
+            mark = " (recipe)" if p["scope"] == "dense" and p["energy"] == r["recipe_energy"] else ""
+            lines.append(
+                f"| {scope}{mark} | {p['energy']} | {_ms(p['param_ratio'], '{:.2f}x', n)} | "
+                f"{_ms(p['accuracy_before_fine_tuning'], '{:.2%}', n)} | {_ms(p['accuracy'], '{:.2%}', n)} | "
+                f"{_ms(p['drop_points'], '{:+.2f}', n)} |"
+            )
+        notes = [x for x in (
+            _target_note(t, "low_rank_param_ratio_ge_2", ">= 2x fewer parameters", "{:.2f}x"),
+            _target_note(t, "low_rank_drop_points_le_1", "drop <= 1 point", "{:+.2f}"),
+        ) if x]
+        control = lr["summary"].get("float_fine_tuned_accuracy")
+        if control:
+            notes.append(
+                f"control: the unfactorized model fine-tuned the same way reaches {_ms(control, '{:.2%}', n)}, so the "
+                "drop measures the fine-tuning as much as the factorization"
+            )
+        if notes:
+            lines.append("\nTargets: " + "; ".join(notes) + ".\n")
+    ds = d.get("distill")
+    if ds:
+        s, r, n = ds["summary"], ds["recipe"], len(ds["runs"])
+        lines.append(
+            f"**Knowledge distillation** (`benchmarks/bench_compression.py distill`; teacher `mnist_cnn()` "
+            f"({s['teacher_params']:,} parameters, {s['teacher_accuracy']:.2%}), student "
+            f"`mnist_cnn(filters={tuple(r['student_filters'])})` ({s['student_params']:,} parameters, "
+            f"{s['param_ratio']:.1f}x fewer); {r['distill_epochs']} epochs each, same initial weights; "
+            f"`tfopt.distill(temperature={r['temperature']:g}, alpha={r['alpha']:g})`; mean ± std of {n} seeds):\n"
+        )
+        lines.append("| student trained alone | student distilled | gain (points) |")
+        lines.append("|---|---|---|")
+        lines.append(
+            f"| {_ms(s['alone_accuracy'], '{:.2%}', n)} | {_ms(s['distilled_accuracy'], '{:.2%}', n)} | "
+            f"{_ms(s['gain_points'], '{:+.2f}', n)} |"
+        )
+        x = t.get("distill_beats_alone")
+        if x:
+            lines.append(f"\nTarget: distilled beats alone on the mean of {n} seeds -> {_met(x['met_on_mean'])}.\n")
 
 
 def _export(lines):
@@ -200,12 +316,50 @@ def _export(lines):
     lines.append("")
 
 
+def _channel_pruning(lines):
+    d = _load("channel_pruning")
+    if not d:
+        lines.append("_Channel pruning: not measured yet (`python benchmarks/bench_channel_pruning.py`)._\n")
+        return
+    m, mn = d.get("mobilenet_v2"), d.get("mnist")
+    lines.append("**Channel pruning** (`benchmarks/bench_channel_pruning.py`; `tfopt.prune_channels(model, ratio=0.5)`):\n")
+    lines.append("| figure | measured | target |")
+    lines.append("|---|---|---|")
+    if m:
+        lines.append(
+            f"| MobileNetV2 alpha {m['model']['alpha']} {m['model']['input'][0]}x{m['model']['input'][1]}, int8 LiteRT "
+            f"XNNPACK 1 thread, unpruned / pruned latency | {m['speedup']:.2f}x ({m['latency_unpruned']['median_ms']:.1f} "
+            f"vs {m['latency_pruned']['median_ms']:.1f} ms; MACs {m['macs_ratio']:.2f}x, params "
+            f"{m['params_after'] / m['params_before']:.2f}x) | >= {m['target']}x ({_met(m['met'])}) |"
+        )
+    if mn:
+        s, t, r = mn["summary"]["one-shot l2"], mn["target"], mn["recipe"]
+        n = len({row["seed"] for row in mn["runs"]})
+        lines.append(
+            f"| MNIST recipe, float {r['float_epochs']} epochs -> 50% channels -> {r['fine_tune_epochs']} epochs "
+            f"fine-tuning, accuracy drop (mean of {n} seeds) | {s['drop_points_mean']:+.2f} points "
+            f"({s['float_accuracy_mean']:.2%} -> {s['pruned_accuracy_mean']:.2%}; worst seed "
+            f"{s['drop_points_worst']:+.2f}; MACs {s['macs_ratio']:.2f}x) | <= {t['target']:.0f} point "
+            f"({_met(t['met_on_mean'])}) |"
+        )
+    lines.append("")
+    rounding = d.get("round_to") or []
+    if rounding:
+        cells = ", ".join(
+            f"ratio {x['ratio']} round_to={x['round_to']}: {x['latency_ratio']:.2f}x the latency for "
+            f"{x['macs_rounded'] / x['macs_round_to_1']:.2f}x the MACs" for x in rounding
+        )
+        lines.append(f"`round_to` vs exact widths (int8, side by side): {cells}.\n")
+
+
 def render():
     lines = [BEGIN, "<!-- Generated by benchmarks/run_all.py from benchmarks/results/*.json. Do not edit by hand. -->", ""]
     _recipe(lines)
     _overhead(lines)
     _qat(lines)
+    _compression(lines)
     _export(lines)
+    _channel_pruning(lines)
     machines = {json.dumps(d["machine"].get("cpu_model")) for d in filter(None, map(_load, [n for _, ns in SCRIPTS for n in ns])) if "machine" in d}
     lines.append(
         "Measured on a 2-core x86 VM (" + ", ".join(sorted(m.strip('"') for m in machines if m != "null")) + "), TensorFlow "
