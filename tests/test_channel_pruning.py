@@ -470,6 +470,21 @@ def test_fine_tunes_and_composes_with_magnitude_pruning():
         prune_channels(sparse, ratio=0.5)
 
 
+def test_composes_with_clustering():
+    model = compile_for_test(conv_chain())
+    x, y = image_data()
+    pruned = prune_channels(model, ratio=0.5)
+    clustered = compile_for_test(tfopt.cluster_weights(pruned, number_of_clusters=4))
+    history = clustered.fit(x, y, epochs=2, batch_size=16, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    final = tfopt.strip_clustering(clustered)
+    assert _channels(final)["conv_a"] == 4  # the pruned width survives clustering
+    for layer in final.layers:
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
+            assert len(np.unique(ops.convert_to_numpy(layer.kernel))) <= 4, layer.name
+    np.testing.assert_allclose(final.predict(x, verbose=0), clustered.predict(x, verbose=0), atol=1e-5)
+
+
 @pytest.mark.slow
 def test_composes_with_qat_and_exports_int8(tmp_path):
     from tfopt import tflite_export
