@@ -83,6 +83,49 @@ def clone(model, clone_function):
     return keras.models.clone_model(model, clone_function=clone_function, recursive=True)
 
 
+def name_allocator():
+    """A function returning `name`, or `name_2`, `name_3`... if already given out (names in a model are unique)."""
+    used = set()
+
+    def unique(name):
+        base, i = name, 1
+        while name in used:
+            i += 1
+            name = f"{base}_{i}"
+        used.add(name)
+        return name
+
+    return unique
+
+
+def select_layers(model, filters, protocol_method):
+    """The layers a weight transform (pruning, clustering) applies to.
+
+    A layer is chosen when `filters` (see `make_filter`) does not reject it and either its registry row has
+    prunable weights (and it is pruned by default, or `filters` selected it explicitly), or it has no row but
+    implements `protocol_method` (TFMOT's `get_prunable_weights` / `get_clusterable_weights`).
+
+    Returns:
+        (set of ids of the chosen layers, list of selected layers with weights tfopt knows nothing about).
+    """
+    selected = make_filter(filters)
+    chosen, unsupported = set(), []
+    for layer in all_layers(model):
+        wanted = selected(layer) if selected else None
+        if wanted is False:
+            continue
+        spec = registry.lookup(layer)
+        if spec is None:
+            if hasattr(layer, protocol_method):
+                chosen.add(id(layer))
+            elif has_weights(layer):
+                unsupported.append(layer)
+            continue
+        if spec.prunable and (wanted or spec.prune_by_default):
+            chosen.add(id(layer))
+    return chosen, unsupported
+
+
 def describe(layer):
     return f"'{layer.name}' of type {type(layer).__name__}"
 

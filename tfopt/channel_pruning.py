@@ -809,15 +809,7 @@ def _barrier_message(errors, model):
 
 def _rebuild(model, plan):
     fn = _graph(model)
-    used = set()
-
-    def unique(name):
-        base, i = name, 1
-        while name in used:
-            i += 1
-            name = f"{base}_{i}"
-        used.add(name)
-        return name
+    unique = mu.name_allocator()
 
     new_inputs = [
         keras.Input(batch_shape=x.shape, dtype=x.dtype, name=unique(x._keras_history.operation.name)) for x in fn.inputs

@@ -711,27 +711,13 @@ def cluster_weights(
             "(preserve_sparsity=True keeps its zeros); quantize after clustering, not before. "
             f"Received: model_or_layer={model.name!r}"
         )
-    selected = mu.make_filter(filters)
-    chosen, unsupported = set(), []
-    for layer in mu.all_layers(model):
-        wanted = selected(layer) if selected else None
-        if wanted is False:
-            continue
-        spec = registry.lookup(layer)
-        if spec is None:
-            if hasattr(layer, "get_clusterable_weights"):
-                chosen.add(id(layer))
-            elif mu.has_weights(layer):
-                unsupported.append(layer)
-            continue
-        if spec.prunable and (wanted or spec.prune_by_default):
-            chosen.add(id(layer))
+    chosen, unsupported = mu.select_layers(model, filters, "get_clusterable_weights")
     if unsupported:
         raise ValueError(_unsupported_message(unsupported))
     if not chosen:
         raise ValueError(
             f"No layer of model {model.name!r} has weights to cluster"
-            + (" among those `filters` selects. Check the names (model.summary()) or the predicate." if selected else ".")
+            + (" among those `filters` selects. Check the names (model.summary()) or the predicate." if filters is not None else ".")
             + f" Received: filters={filters!r}"
         )
     _check_finite([l for l in mu.all_layers(model) if id(l) in chosen], f"model_or_layer={model.name!r}")

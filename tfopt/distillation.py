@@ -35,19 +35,11 @@ import numbers
 import keras
 
 from tfopt import _model_utils as mu
+from tfopt.qat_layers import activation_name
 
 __all__ = ["distill", "strip_distillation"]
 
 _PROBABILITY_ACTIVATIONS = ("softmax", "sigmoid", "log_softmax")
-
-
-def _activation_name(fn):
-    if fn is None:
-        return "linear"
-    name = keras.activations.serialize(fn)
-    if isinstance(name, dict):
-        name = name.get("config", name.get("class_name"))
-    return name if isinstance(name, str) else getattr(fn, "__name__", str(fn))
 
 
 def _output_layers(model):
@@ -71,7 +63,7 @@ def _final_activation(layer):
     if isinstance(layer, keras.layers.Softmax):
         return "softmax"
     if isinstance(layer, keras.layers.Activation) or hasattr(layer, "activation"):
-        return _activation_name(getattr(layer, "activation", None))
+        return activation_name(getattr(layer, "activation", None))
     return None
 
 

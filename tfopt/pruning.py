@@ -440,24 +440,10 @@ def prune_low_magnitude(
             f"Model {to_prune.name!r} is already wrapped for pruning. Keep training it, or call "
             "`tfopt.strip_pruning(model)` first to prune the stripped model again."
         )
-    selected = mu.make_filter(filters)
-    chosen, unsupported = set(), []
-    for layer in mu.all_layers(to_prune):
-        wanted = selected(layer) if selected else None
-        if wanted is False:
-            continue
-        spec = registry.lookup(layer)
-        if spec is None:
-            if hasattr(layer, "get_prunable_weights"):
-                chosen.add(id(layer))
-            elif mu.has_weights(layer):
-                unsupported.append(layer)
-            continue
-        if spec.prunable and (wanted or spec.prune_by_default):
-            chosen.add(id(layer))
+    chosen, unsupported = mu.select_layers(to_prune, filters, "get_prunable_weights")
     if unsupported:
         raise ValueError(_unsupported_message(unsupported))
-    if selected is not None and not chosen:
+    if filters is not None and not chosen:
         raise ValueError(
             f"`filters` selected no prunable layer in model {to_prune.name!r}. Check the names "
             f"(model.summary()) or the predicate. Received: filters={filters!r}"

@@ -483,15 +483,7 @@ def _quantize(model, fn_name, scheme, filters, annotated_only, ema_decay, freeze
     records, in_canon, out_canon, producer = _plan(model, filters, annotated_only)
     fn = _graph(model)
 
-    used_names = set()
-
-    def unique(name):
-        base, i = name, 1
-        while name in used_names:
-            i += 1
-            name = f"{base}_{i}"
-        used_names.add(name)
-        return name
+    unique = mu.name_allocator()
 
     new_inputs = [
         keras.Input(batch_shape=x.shape, dtype=x.dtype, name=unique(x.name)) for x in fn.inputs
@@ -547,8 +539,7 @@ def _quantize(model, fn_name, scheme, filters, annotated_only, ema_decay, freeze
                 new_op = wrapper
             elif isinstance(op, keras.layers.Layer):
                 new_op = mu.copy_layer(op)
-                new_op.name = unique(op.name) if op.name in used_names else op.name
-                used_names.add(new_op.name)
+                new_op.name = unique(op.name)
             else:
                 new_op = type(op).from_config(op.get_config())
             new_layers[id(rec.op)] = (new_op, wrapper)
