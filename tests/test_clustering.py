@@ -495,3 +495,236 @@ def test_non_finite_weights_are_refused():
     kernel.assign(ops.where(ops.arange(kernel.shape[1]) == 0, np.nan, kernel))
     with pytest.raises(ValueError, match="NaN or inf"):
         cl.cluster_weights(model, 4)
+
+
+# ----- cluster-preserving QAT through quantize_model (conv kernels too) ---------------------
+
+
+def cqat_cnn(seed=0):
+    """Conv2D+BN+ReLU, DepthwiseConv2D+BN+ReLU, Flatten, Dense: the three kernel kinds of CQAT."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = L.Conv2D(8, 3, padding="same", use_bias=False, name="conv")(inputs)
+    x = L.BatchNormalization(name="bn")(x)
+    x = L.ReLU(name="relu")(x)
+    x = L.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw")(x)
+    x = L.BatchNormalization(name="bn_dw")(x)
+    x = L.ReLU(name="relu_dw")(x)
+    x = L.Flatten(name="flatten")(x)
+    return keras.Model(inputs, L.Dense(4, name="logits")(x), name="cqat_cnn")
+
+
+def cqat_data(n=128, seed=0):
+    """A learnable task: the label is the brightest quadrant of channel 0."""
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, 8, 8, 3), dtype=np.float32)
+    quadrants = np.stack([x[:, :4, :4, 0], x[:, :4, 4:, 0], x[:, 4:, :4, 0], x[:, 4:, 4:, 0]], 1).mean((2, 3))
+    return x, quadrants.argmax(-1).astype("int32")
+
+
+CQAT_LAYERS = ["^conv$", "^dw$", "^logits$"]
+
+
+def _clustered_cqat_model(k, x, y):
+    model = fit(cqat_cnn(), x, y, epochs=3)
+    return fit(cl.cluster_weights(model, k, filters=CQAT_LAYERS), x, y)
+
+
+def _int8_kernels(content):
+    """{op name: int8 weight tensor} of every CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED in the file."""
+    from tfopt.tflite_export import _flatbuffer
+
+    fm = _flatbuffer.parse(content)
+    sg = fm.subgraphs[0]
+    ops_ = [op for op in sg.operators if op.name in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")]
+    return {op.name: fm.tensor_value(sg.tensors[op.inputs[1]]) for op in ops_}
+
+
+def _wrappers_of(qat_model, kernels_only=True):
+    """{inner layer name: QuantizeWrapper} of the kernel layers (Conv, DepthwiseConv, Dense) of a QAT model."""
+    kinds = (L.Conv2D, L.DepthwiseConv2D, L.Dense) if kernels_only else (L.Layer,)
+    return {l.layer.name: l for l in qat_model.layers if isinstance(l, tfopt.QuantizeWrapper) and isinstance(l.layer, kinds)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [8, 16], ids=["k8", "k16"])
+def test_cqat_exported_kernels_keep_k_int8_values(k):
+    """Conv2D+BN, DepthwiseConv2D+BN and Dense: <= k int8 values per kernel in the .tflite (plain QAT: many more)."""
+    x, y = cqat_data()
+    clustered = _clustered_cqat_model(k, x, y)
+    clustered_acc = float(np.mean(clustered.predict(x, verbose=0).argmax(-1) == y))
+    counts = {}
+    for preserve in (None, False):
+        keras.utils.set_random_seed(0)
+        qat = tfopt.quantize_model(clustered, preserve_clusters=preserve)
+        fit(qat, x, y, epochs=2)
+        assert np.isfinite(qat.history.history["loss"][-1])
+        tfl = tfopt.tflite_export.convert(qat, target="mobile", mode="int8")
+        assert tfl.report.is_fully_int8
+        kernels = _int8_kernels(tfl.content)
+        assert set(kernels) == {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"}
+        assert all(v.dtype == np.int8 for v in kernels.values())
+        counts[preserve] = {name: distinct(v) for name, v in kernels.items()}
+        if preserve is None:
+            # The runtime computes what the Keras QAT model computes, to within one output step.
+            c = tfopt.tflite_export.compare(qat, tfl.content, x[:32])
+            assert c.p99_error_steps <= 1.0 + 1e-6 and c.top1_agreement >= 0.95, c
+            # Accuracy sanity: cluster-preserving QAT keeps the clustered model's accuracy (training set,
+            # a learnable task; chance is 0.25).
+            int8_acc = float(tfl.evaluate(x, y))
+            assert int8_acc >= max(0.5, clustered_acc - 0.15), (int8_acc, clustered_acc)
+    assert all(n <= k for n in counts[None].values()), counts
+    # Without it the per-channel scales (and free training) spread each kernel over many more codes.
+    assert counts[False]["CONV_2D"] > k and counts[False]["DEPTHWISE_CONV_2D"] > k, counts
+
+
+def test_cqat_trains_only_the_centroids_with_fixed_indices():
+    x, y = cqat_data(64)
+    clustered = cl.cluster_weights(cqat_cnn(), 8, filters=CQAT_LAYERS)
+    qat = tfopt.quantize_model(clustered)
+    wrappers = _wrappers_of(qat)
+    trainable = sorted(w.path for w in qat.trainable_weights)
+    assert trainable == sorted(
+        ["quant_conv/kernel_centroids", "quant_dw/kernel_centroids", "quant_logits/kernel_centroids",
+         "bn/gamma", "bn/beta", "bn_dw/gamma", "bn_dw/beta", "logits/bias"]
+    )
+    # The QAT wrappers start from the clustering's own centroids, masks and indices.
+    for name in ("conv", "dw", "logits"):
+        (_, c, m, idx), = clustered.get_layer(f"cluster_{name}").clustered_variables
+        qc, qm, qidx = wrappers[name].clustered_variables["kernel"]
+        for a, b in ((c, qc), (m, qm), (idx, qidx)):
+            np.testing.assert_array_equal(ops.convert_to_numpy(a), ops.convert_to_numpy(b))
+    before = {n: [ops.convert_to_numpy(v).copy() for v in w.clustered_variables["kernel"]] for n, w in wrappers.items()}
+    kernels = {n: ops.convert_to_numpy(w.layer.kernel).copy() for n, w in wrappers.items()}
+    fit(qat, x, y)
+    for name, w in wrappers.items():
+        c, _, idx = (ops.convert_to_numpy(v) for v in w.clustered_variables["kernel"])
+        assert not np.allclose(c, before[name][0]), name  # the centroids moved
+        np.testing.assert_array_equal(idx, before[name][2])  # the assignment did not
+        np.testing.assert_array_equal(ops.convert_to_numpy(w.layer.kernel), kernels[name])  # never written
+        assert distinct(ops.convert_to_numpy(w._clustered_value("kernel"))) <= 8
+
+
+@pytest.mark.slow
+def test_cqat_of_the_stripped_model_equals_cqat_of_the_wrapped_one():
+    x, y = cqat_data(64)
+    clustered = cl.cluster_weights(cqat_cnn(), 6, filters=CQAT_LAYERS)
+    results = []
+    for source, preserve in ((clustered, None), (cl.strip_clustering(clustered), 6)):
+        keras.utils.set_random_seed(3)
+        qat = fit(tfopt.quantize_model(source, preserve_clusters=preserve), x, y)
+        assert {n for n, w in _wrappers_of(qat).items() if w.clustered_weights} == {"conv", "dw", "logits"}
+        results.append(qat.predict(x, verbose=0))
+    np.testing.assert_allclose(results[0], results[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("signs", ["positive", "mixed"])
+def test_cqat_per_channel_ranges_share_one_code_grid(signs):
+    """Every channel maps the shared values to the same codes, range_c = |f_c| * max|kernel| (mirrored where f_c < 0)."""
+    x, _ = cqat_data(16)
+    clustered = cl.cluster_weights(cqat_cnn(), 5, filters=CQAT_LAYERS)
+    qat = tfopt.quantize_model(clustered)
+    w = _wrappers_of(qat)["conv"]
+    bn = w.batch_norm
+    gamma = np.linspace(0.5, 2.0, 8).astype("float32")
+    if signs == "mixed":
+        gamma[::2] *= -1.0
+    bn.gamma.assign(gamma)
+    kernel = ops.convert_to_numpy(w._clustered_value("kernel"))
+    f = gamma / np.sqrt(ops.convert_to_numpy(bn.moving_variance) + bn.epsilon)
+    m = np.abs(kernel).max()
+    scale = np.abs(f) * m / 127.0
+    codes = np.round(kernel * f / scale)
+    np.testing.assert_array_equal(codes * np.sign(f), np.round(kernel * 127.0 / m))  # one grid, up to sign(f_c)
+    assert all(distinct(codes[..., c]) <= 5 for c in range(8))
+    assert distinct(codes) <= (5 if signs == "positive" else 10)
+    # The wrapper computes conv(x, codes * scale_c) + offset.
+    offset = ops.convert_to_numpy(bn.beta) - ops.convert_to_numpy(bn.moving_mean) * f
+    expected = tf.nn.conv2d(x, (codes * scale).astype("float32"), 1, "SAME").numpy() + offset
+    np.testing.assert_allclose(ops.convert_to_numpy(w(x, training=False)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_default_qat_of_an_unclustered_or_stripped_model_is_unchanged(cnn, data):
+    """No ClusterWeights and no `preserve_clusters`: the plain QAT path, identical to preserve_clusters=False."""
+    x, y = data
+    stripped = cl.strip_clustering(cl.cluster_weights(cnn, 8))  # kernels hold <= 8 values
+    outs = []
+    for preserve in (None, False):
+        keras.utils.set_random_seed(5)
+        qat = tfopt.quantize_model(stripped, preserve_clusters=preserve)
+        assert not any(w.clustered_weights for w in _wrappers_of(qat, kernels_only=False).values())
+        assert "conv_a/kernel" in [v.path for v in qat.trainable_weights]
+        outs.append(fit(qat, x, y).predict(x, verbose=0))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    # And the default math is the per-channel max|W_c * s_c| range (not the shared-grid one): a TF reference.
+    qat = tfopt.quantize_model(cnn)
+    w = _wrappers_of(qat)["conv_a"]
+    bn = w.batch_norm
+    bn.gamma.assign(np.linspace(-1.0, 2.0, 8).astype("float32"))
+    s = bn.gamma / tf.sqrt(bn.moving_variance + bn.epsilon)
+    folded = w.layer.kernel * s
+    r = tf.reduce_max(tf.abs(folded), axis=(0, 1, 2))
+    fq = tf.quantization.fake_quant_with_min_max_vars_per_channel(folded, -r, r, num_bits=8, narrow_range=True)
+    expected = tf.nn.conv2d(x[:4], fq, 1, "SAME") + (bn.beta - bn.moving_mean * s)
+    np.testing.assert_allclose(ops.convert_to_numpy(w(x[:4], training=False)), expected.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_cqat_save_load_and_config_roundtrip(tmp_path):
+    x, y = cqat_data(32)
+    qat = tfopt.quantize_model(cl.cluster_weights(cqat_cnn(), 8, filters=CQAT_LAYERS))
+    qat(x, training=True)  # ranges and BN statistics off their initial values
+    loaded = assert_save_load(qat, x, tmp_path / "cqat.keras")
+    for name, w in _wrappers_of(loaded).items():
+        assert w.clustered_weights == ("kernel",) and w.number_of_clusters == 8
+        for a, b in zip(w.clustered_variables["kernel"], _wrappers_of(qat)[name].clustered_variables["kernel"]):
+            np.testing.assert_array_equal(ops.convert_to_numpy(a), ops.convert_to_numpy(b))
+        assert not w.layer.kernel.trainable
+    assert sorted(v.path for v in loaded.trainable_weights) == sorted(v.path for v in qat.trainable_weights)
+    fit(loaded, x, y)  # keeps training as a clustered model
+    for w in _wrappers_of(loaded).values():
+        assert distinct(ops.convert_to_numpy(w._clustered_value("kernel"))) <= 8
+    layer = L.Conv2D(4, 3)
+    layer.build((None, 6, 6, 2))
+    clone = assert_config_roundtrip(tfopt.QuantizeWrapper(layer, clustered_weights=("kernel",), number_of_clusters=4))
+    assert clone.clustered_weights == ("kernel",) and clone.number_of_clusters == 4
+
+
+def test_cqat_zero_cluster_stays_pinned():
+    x, y = cqat_data(64)
+    model = cqat_cnn()
+    rng = np.random.default_rng(0)
+    for name in ("conv", "logits"):  # a pruned model: half of each kernel exactly zero
+        kernel = model.get_layer(name).kernel
+        kernel.assign(np.where(rng.random(kernel.shape) < 0.5, 0.0, ops.convert_to_numpy(kernel)))
+    clustered = cl.cluster_weights(model, 6, filters=["^conv$", "^logits$"])
+    zeros = {n: ops.convert_to_numpy(model.get_layer(n).kernel) == 0 for n in ("conv", "logits")}
+    qat = fit(tfopt.quantize_model(clustered), x, y)
+    for name in ("conv", "logits"):
+        value = ops.convert_to_numpy(_wrappers_of(qat)[name]._clustered_value("kernel"))
+        np.testing.assert_array_equal(value == 0, zeros[name])
+        assert distinct(value) <= 6
+
+
+PRESERVE_BAD = [
+    ("one", 1, ValueError, r"int >= 2.*Received: preserve_clusters=1"),
+    ("string", "yes", ValueError, r"Received: preserve_clusters='yes'"),
+    ("float", 8.0, ValueError, r"Received: preserve_clusters=8.0"),
+]
+
+
+@pytest.mark.parametrize("value,exc,match", [b[1:] for b in PRESERVE_BAD], ids=[b[0] for b in PRESERVE_BAD])
+def test_preserve_clusters_bad_values(cnn, value, exc, match):
+    with pytest.raises(exc, match=match):
+        tfopt.quantize_model(cnn, preserve_clusters=value)
+
+
+def test_preserve_clusters_errors(cnn):
+    with pytest.raises(ValueError, match=r"needs a model with tfopt.ClusterWeights.*preserve_clusters=16.*Received: preserve_clusters=True"):
+        tfopt.quantize_model(cnn, preserve_clusters=True)
+    with pytest.raises(ValueError, match=r"found no quantized kernel .* at most 4 distinct.*Received: preserve_clusters=4"):
+        tfopt.quantize_model(cnn, preserve_clusters=4)
+    layer = L.Dense(3)
+    with pytest.raises(ValueError, match=r"distinct quantized weights of layer .*Received: clustered_weights=\('bias',\)"):
+        tfopt.QuantizeWrapper(layer, clustered_weights=("bias",), number_of_clusters=4)
+    with pytest.raises(ValueError, match=r"integer >= 2.*Received: number_of_clusters=None"):
+        tfopt.QuantizeWrapper(layer, clustered_weights=("kernel",))

@@ -46,25 +46,70 @@ def test_pruning_under_mixed_float16(mixed):
     np.testing.assert_allclose(out, pruned.predict(x, verbose=0), atol=1e-2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason=(
-        "QAT layers mix float16 and float32 under mixed_float16: MovingAverageQuantizer.build creates its range "
-        "variables with autocast=True, so QuantizeLayer reads them as float16 against its float32-cast input "
-        "('AddV2' float32 vs float16), and QuantizeWrapper._call_kernel feeds float32 (fake-quantized, BN-folded) "
-        "kernels to float16 convolutions. Fix: run QAT layers in float32 (quantize_model builds QuantizeWrapper, "
-        "QuantizeLayer and their inner copies with dtype='float32', casting at their boundaries) and create the "
-        "range variables with autocast=False."
-    ),
-)
+def _range_variables(model):
+    return [w for w in model.weights if w.path.endswith(("_min", "_max", "_initialized"))]
+
+
 def test_qat_under_mixed_float16(mixed):
+    """QAT trains under mixed_float16 with float32 ranges and float32 weight fake quant, and exports to int8."""
     x, y = image_data()
-    qat = tfopt.quantize_model(tiny_cnn())
+    model = tiny_cnn()
+    qat = tfopt.quantize_model(model)
+    wrapper = qat.get_layer("quant_conv_a")
+    assert wrapper.compute_dtype == "float16" and wrapper.batch_norm is not None  # the folded-BN path
+    ranges = _range_variables(qat)
+    assert ranges and {str(w.dtype) for w in ranges} == {"float32"}
+    assert not any(w._autocast for w in ranges)  # read as float32 inside the float16 layers, too
     _fit(qat, x, y)
-    out = ops.convert_to_numpy(qat(x[:8], training=False))
-    assert np.all(np.isfinite(out))
     assert _variable_dtypes(qat) == {"float32"}
+    assert all(np.isfinite(ops.convert_to_numpy(w)).all() for w in ranges)
+    out = ops.convert_to_numpy(qat(x[:8], training=False))
+    assert out.dtype == np.float16 and np.all(np.isfinite(out))
+
+    # Export straight from the mixed model: convert() converts a float32 twin (same config with
+    # float32 policies, same float32 variables) and leaves the user's model as it is.
+    before = [w.copy() for w in qat.get_weights()]
+    tfl = tfopt.tflite_export.convert(qat, target="mobile", mode="int8")
+    assert tfl.report.is_fully_int8
+    assert qat.get_layer("quant_conv_a").compute_dtype == "float16"
+    for a, b in zip(before, qat.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    # The file computes what the float32 QAT model with these weights computes, within one step, and
+    # that model agrees with the mixed one up to float16 rounding.
+    keras.mixed_precision.set_global_policy("float32")
+    qat32 = tfopt.quantize_model(tiny_cnn())
+    qat32.set_weights(before)
+    out32 = qat32.predict(x, verbose=0)
+    out16 = qat.predict(x, verbose=0).astype(np.float32)
+    assert np.mean(out32.argmax(-1) == out16.argmax(-1)) >= 0.9
+    np.testing.assert_allclose(out16, out32, atol=0.1 * float(np.abs(out32).max()))
+    assert tfopt.tflite_export.compare(qat32, tfl.content, x[:16]).p99_error_steps <= 1.0 + 1e-6
+
+
+def test_qat_weight_path_is_float32_under_mixed_float16(mixed):
+    """The fake-quantized kernel of a mixed model equals the float32 one (computed in float32, then cast)."""
+    x, _ = image_data(8)
+    qat16 = tfopt.quantize_model(tiny_cnn())
+    keras.mixed_precision.set_global_policy("float32")
+    qat32 = tfopt.quantize_model(tiny_cnn())
+    qat32.set_weights(qat16.get_weights())
+    seen = {}
+    import tfopt.qat_layers as ql
+
+    original = ql._weight_fq
+    ql._weight_fq = lambda w, axis, depthwise: seen.setdefault(keras.backend.standardize_dtype(w.dtype), []).append(
+        ops.convert_to_numpy(original(w, axis, depthwise))
+    ) or original(w, axis, depthwise)
+    try:
+        qat16(x, training=False)
+        qat32(x, training=False)
+    finally:
+        ql._weight_fq = original
+    assert set(seen) == {"float32"}  # both models fake-quantize float32 kernels
+    n = len(seen["float32"]) // 2
+    assert n == 3
+    for a, b in zip(seen["float32"][:n], seen["float32"][n:]):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_clustering_under_mixed_float16(mixed):
@@ -89,5 +134,5 @@ def test_low_rank_under_mixed_float16(mixed):
 
 
 def test_policy_is_restored_after_the_tests_above():
-    """Runs last in this file (pytest keeps definition order): the fixture restored float32, even after the xfail."""
+    """Runs last in this file (pytest keeps definition order): the fixture restored float32 after each test."""
     assert keras.mixed_precision.global_policy().name == "float32"

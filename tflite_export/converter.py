@@ -188,6 +188,22 @@ def _check_args(target, mode, io_dtype, strict, max_samples):
     return io_dtype
 
 
+def _check_backend():
+    import keras
+
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        # The converter traces the model as a TensorFlow graph: a JAX or PyTorch model object cannot
+        # be traced, and the backend of a process is fixed once keras is imported.
+        raise RuntimeError(
+            f"`tfopt.tflite_export.convert` needs the TensorFlow Keras backend; this process runs "
+            f"KERAS_BACKEND={backend!r}. Save the model with `model.save('model.keras')` and convert the file "
+            "with `tfopt convert model.keras -o model.tflite --target mobile` (the command converts in a "
+            "TensorFlow-backend process whatever KERAS_BACKEND says), or call `convert` from a process started "
+            f"with KERAS_BACKEND=tensorflow. Received: backend={backend!r}"
+        )
+
+
 def _load_model(model):
     """(keras model or None, SavedModel dir or None) from a model, a .keras path or a SavedModel dir."""
     import keras
@@ -245,6 +261,40 @@ def _strip_wrappers(model):
         if any(isinstance(layer, wrapper) for layer in model._flatten_layers()):
             model = strip(model)
     return model
+
+
+def _float32_twin(model):
+    """`model` itself, or, if any layer computes in float16/bfloat16 (mixed precision), a float32 copy.
+
+    The converter cannot lower a mixed graph ("binary op operands have same element type"); the float32
+    copy has the same architecture (every dtype policy in the config set to float32) and the same
+    weights, which mixed precision keeps in float32 anyway. The user's model is not modified.
+    """
+    import keras
+
+    if all(layer.dtype_policy.compute_dtype == "float32" for layer in model._flatten_layers()):
+        return model
+
+    def to_float32(node):
+        if isinstance(node, dict):
+            if node.get("class_name") == "DTypePolicy" and isinstance(node.get("config"), dict):
+                return {**node, "config": {**node["config"], "name": "float32"}}
+            return {k: to_float32(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [to_float32(v) for v in node]
+        if node in ("mixed_float16", "mixed_bfloat16"):
+            return "float32"
+        return node
+
+    config = to_float32(keras.saving.serialize_keras_object(model))
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")
+    try:
+        twin = keras.saving.deserialize_keras_object(config)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    twin.set_weights(model.get_weights())
+    return twin
 
 
 def _check_weights(model):
@@ -571,9 +621,21 @@ def _verify(content, *, target, mode, io_dtype, layer):
     return problems
 
 
-def _sanity_run(content, samples):
+def _sanity_run(content, samples, xnnpack=True):
     runner = _runtime.Runner(content, kernels="builtin")
     y = runner.predict(samples)
+    if xnnpack:
+        # LiteRT's default CPU runtime: XNNPACK refuses quantization parameters the reference kernels accept
+        # (e.g. a requantization scale >= 256), so a file that passes the builtin run can still fail on a phone.
+        try:
+            _runtime.Runner(content, kernels="xnnpack").predict(samples[:1])
+        except (RuntimeError, ValueError) as err:
+            raise ConversionError(
+                "The converted model runs on the reference kernels but LiteRT's default CPU runtime (XNNPACK) "
+                "refuses it, usually because an int8 scale is degenerate (an activation or weight range of ~0, "
+                "e.g. a layer whose outputs are all zero). Check the model for dead layers or NaN/inf weights. "
+                f"Received: XNNPACK error {str(err).splitlines()[0][:200]!r}"
+            ) from None
     ys = y if isinstance(y, list) else [y]
     if not all(np.all(np.isfinite(v)) for v in ys):
         raise ConversionError(
@@ -650,18 +712,22 @@ def convert(
         ConversionError: (a ValueError) the converter failed or emitted something that is not what
             was asked; `EdgeTPUError` / `MicroError` for the target checks.
         FileNotFoundError: `model` is a path that does not exist.
+        RuntimeError: the process runs another Keras backend than TensorFlow (JAX, PyTorch): save
+            the model as `.keras` and run `tfopt convert model.keras -o model.tflite`, which
+            converts in a TensorFlow-backend process.
 
     Example:
         >>> tfl = tfopt.tflite_export.convert(model, target="edgetpu", representative_data=x_train[:300])
         >>> tfl.save("model_int8.tflite"); print(tfl.edgetpu)
     """
+    _check_backend()
     start = time.perf_counter()
     io_dtype = _check_args(target, mode, io_dtype, strict, max_samples)
     keras_model, saved_model_dir = _load_model(model)
     layer = _layer_resolver(keras_model)
     qat = _qat
     if keras_model is not None:
-        keras_model = _strip_wrappers(keras_model)
+        keras_model = _float32_twin(_strip_wrappers(keras_model))
         _check_weights(keras_model)
         shape, dtype, name = _input_spec(keras_model, representative_data is not None)
         if qat is None:
@@ -725,7 +791,7 @@ def convert(
 
     if samples is None:
         samples = _random_samples(content)
-    _sanity_run(content, samples[:4])
+    _sanity_run(content, samples[:4], xnnpack=target != "micro")
 
     edgetpu_report = micro_result = None
     if target == "edgetpu":

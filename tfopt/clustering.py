@@ -47,12 +47,14 @@ clustered, ``k`` centroids, returned in ascending order):
   of ``x`` drawn with probability ``D(x)^2 / sum D^2``, ``D`` the distance to
   the nearest centroid chosen so far.
 
-Cluster-preserving QAT. A stripped kernel holds at most ``number_of_clusters``
-distinct floats, so any *per-tensor* int8 quantization of it holds at most as
-many int8 values. QAT training moves each weight on its own, though; the
-projection `snap_to_centroids` (each cluster replaced by its mean) put back
-after every optimizer step, as a variable constraint (`centroid_constraint`,
-or `constrain_to_clusters` for a whole model), keeps the clusters.
+Cluster-preserving QAT is `tfopt.quantize_model(model, preserve_clusters=...)`:
+the QAT wrapper trains each clustered kernel's centroids with the assignment
+fixed and picks per-channel int8 scales that give every channel the same codes,
+so conv, depthwise and Dense kernels export with at most ``number_of_clusters``
+int8 values (see `tfopt.qat_layers`). The older projection `snap_to_centroids`
+(each cluster replaced by its mean after every optimizer step, as a variable
+constraint: `centroid_constraint`, or `constrain_to_clusters` for a whole model)
+keeps the float clusters but not the int8 ones of per-channel conv kernels.
 
 Variable order inside `ClusterWeights` (the `.keras` format stores variables
 by position; never reorder): the inner layer's variables, then for each
@@ -701,7 +703,7 @@ def cluster_weights(
     if _wrappers(model):
         raise ValueError(
             f"Model {model.name!r} is already wrapped for clustering. Keep training it, or call "
-            "`tfopt.strip_clustering(model)` first to cluster the stripped model again."
+            f"`tfopt.strip_clustering(model)` first to cluster the stripped model again. Received: model_or_layer={model.name!r}"
         )
     others = _tfopt_wrappers(model)
     if others:
@@ -713,7 +715,7 @@ def cluster_weights(
         )
     chosen, unsupported = mu.select_layers(model, filters, "get_clusterable_weights")
     if unsupported:
-        raise ValueError(_unsupported_message(unsupported))
+        raise ValueError(_unsupported_message(unsupported) + f" Received: model_or_layer={model.name!r}")
     if not chosen:
         raise ValueError(
             f"No layer of model {model.name!r} has weights to cluster"

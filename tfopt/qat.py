@@ -36,6 +36,20 @@ quantized weight that has exact zeros gets a mask (``w != 0``, captured here,
 saved with the model) applied before fake quant, so the zeros survive QAT and
 appear as zeros in the int8 weights.
 
+Clustered models (cluster-preserving QAT, `preserve_clusters`): a model
+with `tfopt.ClusterWeights` layers is stripped first, and every quantized
+kernel that was clustered keeps its centroids, centroid mask and indices: in
+the QAT model it is again a lookup of trainable centroids by fixed indices
+(only the centroids train), and its per-channel int8 ranges share one scale
+up to the BN fold factor (see `tfopt.qat_layers`), so the exported int8
+kernel holds at most `number_of_clusters` values. A stripped clustered model
+has lost the wrapper: pass ``preserve_clusters=k`` and every quantized kernel
+with at most ``k`` distinct values is treated as clustered (its distinct
+values are the centroids; with `preserve_sparsity` a zero cluster stays
+pinned at zero). A clustered layer that is not quantized (left float by
+`filters`, or not a kernel layer) becomes its stripped copy and trains
+freely.
+
 Validation happens before anything is built: the user's model is only read.
 """
 
@@ -143,7 +157,8 @@ def quantize_annotate_model(model):
     return annotated
 
 
-def quantize_apply(model, scheme="8bit", ema_decay=0.99, freeze_bn_delay=None, preserve_sparsity=None):
+def quantize_apply(model, scheme="8bit", ema_decay=0.99, freeze_bn_delay=None, preserve_sparsity=None,
+                   preserve_clusters=None):
     """Quantizes the layers of `model` wrapped by `tfopt.quantize_annotate_layer`.
 
     Layers that are not annotated stay float; a float tensor read by a
@@ -163,10 +178,14 @@ def quantize_apply(model, scheme="8bit", ema_decay=0.99, freeze_bn_delay=None, p
             "`tfopt.quantize_annotate_layer(layer)` (or the whole model with `tfopt.quantize_annotate_model`), "
             f"or use `tfopt.quantize_model`. Received: model={model.name!r}"
         )
-    return _quantize(model, "quantize_apply", scheme, None, True, ema_decay, freeze_bn_delay, preserve_sparsity)
+    return _quantize(model, "quantize_apply", scheme, None, True, ema_decay, freeze_bn_delay, preserve_sparsity,
+                     preserve_clusters)
 
 
-def quantize_model(model, scheme="8bit", filters=None, ema_decay=0.99, freeze_bn_delay=None, preserve_sparsity=None):
+def quantize_model(
+    model, scheme="8bit", filters=None, ema_decay=0.99, freeze_bn_delay=None, preserve_sparsity=None,
+    preserve_clusters=None,
+):
     """Returns a quantization-aware copy of `model` (8-bit, as the int8 TFLite kernels compute).
 
     Train it with `fit` as usual, then export it with
@@ -189,6 +208,15 @@ def quantize_model(model, scheme="8bit", filters=None, ema_decay=0.99, freeze_bn
             layers stop using batch statistics. None: never.
         preserve_sparsity: keep exact-zero weights at zero through QAT. None
             (default): for every weight that has zeros.
+        preserve_clusters: cluster-preserving QAT (see the module
+            docstring). None (default): for the kernels of
+            `tfopt.ClusterWeights` layers, if the model has any (a model
+            without them is quantized exactly as before). True: the same,
+            but the model must have `ClusterWeights` layers. An int ``k >= 2``:
+            also every other quantized kernel with at most ``k`` distinct
+            values (a stripped clustered model); at least one must be found.
+            False: never (a clustered model is stripped and its kernels
+            train freely).
 
     Returns:
         A new Functional model.
@@ -209,7 +237,8 @@ def quantize_model(model, scheme="8bit", filters=None, ema_decay=0.99, freeze_bn
         >>> tflite = tfopt.tflite_export.convert(qat)  # doctest: +SKIP
     """
     mu.check_model(model, "model", "quantize_model")
-    return _quantize(model, "quantize_model", scheme, filters, False, ema_decay, freeze_bn_delay, preserve_sparsity)
+    return _quantize(model, "quantize_model", scheme, filters, False, ema_decay, freeze_bn_delay, preserve_sparsity,
+                     preserve_clusters)
 
 
 # ----- validation -------------------------------------------------------------------
@@ -365,6 +394,11 @@ def _plan(model, filters, annotated_only):
             rec.kind = "same"
         else:
             rec.kind = "compute"
+    if pick is not None and not annotated_only and not any(getattr(rec, "selected", False) for rec in records):
+        raise ValueError(
+            f"`filters` selected no layer of model {model.name!r} to quantize. Check the names (model.summary()) "
+            f"or the predicate. Received: filters={filters!r}"
+        )
 
     # Fold BatchNormalization into the kernel layer that feeds only it.
     for rec in records:
@@ -462,7 +496,8 @@ def _unsupported_message(layers, errors, model):
 # ----- rebuild ----------------------------------------------------------------------
 
 
-def _quantize(model, fn_name, scheme, filters, annotated_only, ema_decay, freeze_bn_delay, preserve_sparsity):
+def _quantize(model, fn_name, scheme, filters, annotated_only, ema_decay, freeze_bn_delay, preserve_sparsity,
+              preserve_clusters=None):
     if scheme not in _SCHEMES:
         raise ValueError(f"`scheme` must be one of {_SCHEMES}. Received: scheme={scheme!r}")
     if not (isinstance(ema_decay, (int, float)) and 0.0 <= ema_decay < 1.0):
@@ -473,14 +508,30 @@ def _quantize(model, fn_name, scheme, filters, annotated_only, ema_decay, freeze
         )
     if preserve_sparsity not in (None, True, False):
         raise TypeError(f"`preserve_sparsity` must be None, True or False. Received: preserve_sparsity={preserve_sparsity!r}")
+    preserve_clusters = _check_preserve_clusters(preserve_clusters)
     _check_not_quantized(model, fn_name)
 
+    from tfopt.clustering import ClusterWeights
     from tfopt.pruning import PruneLowMagnitude, strip_pruning
 
+    has_clusters = any(isinstance(layer, ClusterWeights) for layer in _all_layers_deep(model))
+    if preserve_clusters is True and not has_clusters:
+        raise ValueError(
+            f"`preserve_clusters=True` needs a model with tfopt.ClusterWeights layers, and model {model.name!r} has "
+            "none. For a stripped clustered model pass the number of clusters, e.g. `preserve_clusters=16` (every "
+            "quantized kernel with at most that many distinct values keeps them). Received: preserve_clusters=True"
+        )
     if any(isinstance(layer, PruneLowMagnitude) for layer in _all_layers_deep(model)):
         model = strip_pruning(model)
+    cluster_plan = {}  # id(stripped layer) -> {weight path: (centroids, centroid_mask, indices)}
+    if has_clusters:
+        model, cluster_plan = _strip_clusters(model)
+        if preserve_clusters is False:
+            cluster_plan = {}
 
     records, in_canon, out_canon, producer = _plan(model, filters, annotated_only)
+    if preserve_clusters is not False and (cluster_plan or preserve_clusters is not None):
+        cluster_plan = _cluster_plan(records, cluster_plan, preserve_clusters, preserve_sparsity, model)
     fn = _graph(model)
 
     unique = mu.name_allocator()
@@ -525,6 +576,14 @@ def _quantize(model, fn_name, scheme, filters, annotated_only, ema_decay, freeze
                 inner = mu.copy_layer(op)
                 bn = mu.copy_layer(rec.bn) if rec.bn is not None else None
                 sparse = _has_zeros(op, rec) if preserve_sparsity is None else preserve_sparsity
+                clusters = cluster_plan.get(id(op), {}) if rec.kind == "kernel" and rec.config is None else {}
+                if clusters:
+                    cluster_kwargs = dict(
+                        clustered_weights=tuple(clusters),
+                        number_of_clusters=max(len(c) for c, _, _ in clusters.values()),
+                    )
+                else:
+                    cluster_kwargs = {}
                 wrapper = QuantizeWrapper(
                     inner,
                     quantize_config=_copy_config(rec.config),
@@ -535,6 +594,7 @@ def _quantize(model, fn_name, scheme, filters, annotated_only, ema_decay, freeze
                     freeze_bn_delay=freeze_bn_delay,
                     num_outputs=len(rec.outs),
                     name=unique(f"quant_{op.name}"),
+                    **cluster_kwargs,
                 )
                 new_op = wrapper
             elif isinstance(op, keras.layers.Layer):
@@ -548,6 +608,10 @@ def _quantize(model, fn_name, scheme, filters, annotated_only, ema_decay, freeze
         if wrapper is not None and wrapper.preserve_sparsity and not getattr(wrapper, "_masks_set", False):
             wrapper.set_masks_from_weights()
             wrapper._masks_set = True
+        if wrapper is not None and wrapper.clustered_weights and not getattr(wrapper, "_clusters_set", False):
+            for path, (c, m, idx) in cluster_plan[id(op)].items():
+                wrapper.set_clusters(path, c, m, idx)
+            wrapper._clusters_set = True
         flat = keras.tree.flatten(outputs)
         if rec.kind == "compute" and not isinstance(op, keras.layers.Layer) and rec.quantize_output:
             flat = [QuantizeLayer(ema_decay=ema_decay, name=unique(f"{op.name}_quantize"))(t) for t in flat]
@@ -562,6 +626,77 @@ def _quantize(model, fn_name, scheme, filters, annotated_only, ema_decay, freeze
     inputs = keras.tree.pack_sequence_as(fn._inputs_struct, new_inputs)
     outputs = keras.tree.pack_sequence_as(fn._outputs_struct, [tensors[c] for c in out_canon])
     return keras.Model(inputs, outputs, name=f"{model.name}_qat" if not model.name.endswith("_qat") else model.name)
+
+
+def _check_preserve_clusters(preserve_clusters):
+    if preserve_clusters is None or isinstance(preserve_clusters, (bool, np.bool_)):
+        return None if preserve_clusters is None else bool(preserve_clusters)
+    if not isinstance(preserve_clusters, (int, np.integer)) or preserve_clusters < 2:
+        raise ValueError(
+            "`preserve_clusters` must be None (keep the clusters of tfopt.ClusterWeights layers), True, False, or "
+            "the number of clusters of a stripped clustered model (an int >= 2, e.g. 16). "
+            f"Received: preserve_clusters={preserve_clusters!r}"
+        )
+    return int(preserve_clusters)
+
+
+def _strip_clusters(model):
+    """`strip_clustering(model)`, also returning each stripped kernel layer's clusters.
+
+    Returns ``(stripped model, {id(stripped layer): {weight path: (centroids,
+    centroid_mask, indices)}})`` for the layers tfopt's registry knows (the
+    clustered weights are their prunable weights, in registry order).
+    """
+    from tfopt.clustering import ClusterWeights, _copy
+
+    plan = {}
+
+    def clone_function(layer):
+        if not isinstance(layer, ClusterWeights):
+            return _copy(layer)
+        new = layer.stripped_layer()
+        spec = registry.lookup(layer.layer)
+        if spec is not None:
+            plan[id(new)] = {
+                path: tuple(np.asarray(keras.ops.convert_to_numpy(v)) for v in (c, m, idx))
+                for path, (_, c, m, idx) in zip(spec.prunable, layer.clustered_variables)
+            }
+        return new
+
+    return mu.clone(model, clone_function), plan
+
+
+def _cluster_plan(records, from_wrappers, k, preserve_sparsity, model):
+    """{id(layer): {path: clusters}} of the quantized kernels to train as clusters; validates."""
+    plan = {}
+    for rec in records:
+        if rec.kind != "kernel" or rec.config is not None:
+            continue
+        op = _unwrap(rec.op)[0]
+        paths = list(registry.lookup(op).quantizable)
+        known = from_wrappers.get(id(op), {})
+        chosen = {p: known[p] for p in paths if p in known}
+        if not isinstance(k, bool) and k is not None:
+            for path in paths:
+                if path in chosen:
+                    continue
+                values = np.asarray(keras.ops.convert_to_numpy(registry.weight_at(op, path)))
+                centroids, inverse = np.unique(values, return_inverse=True)
+                if centroids.size > k:
+                    continue
+                pin = preserve_sparsity is not False and bool(np.any(values == 0))
+                mask = np.where((centroids == 0) & pin, 0.0, 1.0)
+                chosen[path] = (centroids, mask, inverse.reshape(values.shape).astype(np.int32))
+        if chosen:
+            plan[id(op)] = chosen
+    if not isinstance(k, bool) and k is not None and not plan:
+        raise ValueError(
+            f"`preserve_clusters={k}` found no quantized kernel of model {model.name!r} with at most {k} distinct "
+            "values: nothing is clustered. Cluster the float model (`tfopt.cluster_weights`), fine-tune it, and "
+            "quantize it (or its `tfopt.strip_clustering` copy with the same number of clusters). "
+            f"Received: preserve_clusters={k}"
+        )
+    return plan
 
 
 def _copy_config(config):

@@ -35,6 +35,29 @@ kernel will, without ever assigning to the inner layer's variables:
 - A layer with a user `QuantizeConfig` is called with its weights replaced by
   their fake-quantized values through `keras.StatelessScope` (the variables
   themselves are never written), then its outputs are fake-quantized.
+- Cluster-preserving QAT (`clustered_weights`): each listed kernel is
+  ``take(centroids * centroid_mask, indices)``, trainable centroids looked up
+  by fixed int32 indices (as `tfopt.ClusterWeights`; the inner kernel
+  variable is not trained), so it holds at most `number_of_clusters`
+  distinct floats at every step. Per-channel weight ranges are then chosen so
+  that every channel maps the shared values to the same int8 codes: with
+  ``M = max|kernel|`` (over the whole unfolded kernel) and ``f_c`` the BN fold
+  factor (1 without BN), channel ``c`` gets ``[-|f_c| M, |f_c| M]``, so its
+  folded weight ``kernel * f_c`` quantizes to
+  ``sign(f_c) * round(kernel * 127 / M)``: at most `number_of_clusters` int8
+  values per kernel while every ``f_c`` has one sign (always without BN, and
+  with a BN whose gammas keep one sign, the usual case: gamma starts at 1). A
+  channel whose ``f_c`` has the other sign stores the mirrored codes (a
+  scale must be positive), so a kernel with mixed-sign gammas holds at most
+  `number_of_clusters` values per channel and twice that per kernel.
+  Per-tensor kernels (Dense, 1-D depthwise, transposed convs) keep the
+  usual ``max|kernel * f|`` range: at most `number_of_clusters` int8 values
+  per kernel without BN, per output channel with a folded BN.
+- Mixed precision (``mixed_float16``): every variable stays float32; the
+  weight path (BN fold, centroid lookup, fake quant) reads the variables in
+  float32 and computes in float32, and only the fake-quantized kernel is cast
+  to the compute dtype for the convolution / matmul. Activation fake quants
+  run in float32 and cast back. Under float32 the casts are no-ops.
 
 Variable order (the `.keras` format stores a layer's own variables by
 position; never reorder). The inner layer and `batch_norm` own their
@@ -46,14 +69,22 @@ quantizers in this order, each with ``_min``, ``_max``, ``_initialized``:
 activations), ``scaled`` (Rescaling with offset), ``hard_relu6`` and
 ``hard_sigmoid`` (hard_sigmoid / hard_swish), ``output_<i>`` (one per
 output when `quantize_output`); then ``step`` (a counter, only with a folded
-BatchNormalization).
+BatchNormalization); then, for each weight in `clustered_weights` (in
+registry order), ``<weight>_centroids`` (trainable), ``<weight>_centroid_mask``
+and ``<weight>_indices``. Keras stores a layer's trainable variables before
+its non-trainable ones, so in the file the ``_centroids`` come first, then
+the other variables in the order above.
 """
+
+import contextlib
+
+import numpy as np
 
 import keras
 from keras import ops
 
 from tfopt import registry
-from tfopt.quantizers import FixedRangeQuantizer, LastValueQuantizer, MovingAverageQuantizer, Quantizer
+from tfopt.quantizers import _MIN_RANGE, FixedRangeQuantizer, LastValueQuantizer, MovingAverageQuantizer, Quantizer, fake_quant
 
 __all__ = ["QuantizeConfig", "QuantizeWrapper", "QuantizeLayer", "QuantizeAnnotate"]
 
@@ -138,6 +169,14 @@ class QuantizeConfig:
         return cls(**config)
 
 
+def _check_wrapped(layer, wrapper):
+    if not isinstance(layer, keras.layers.Layer):
+        raise TypeError(
+            f"`layer` must be a keras layer to wrap, e.g. `{wrapper}(keras.layers.Dense(10))` (for a whole model, "
+            f"use `tfopt.quantize_model`). Received: layer={layer!r} of type {type(layer).__name__}"
+        )
+
+
 def _serialize(obj):
     return None if obj is None else keras.saving.serialize_keras_object(obj)
 
@@ -193,6 +232,7 @@ class QuantizeAnnotate(keras.layers.Wrapper):
     """
 
     def __init__(self, layer, quantize_config=None, **kwargs):
+        _check_wrapped(layer, "QuantizeAnnotate")
         super().__init__(layer, **kwargs)
         self.quantize_config = quantize_config
 
@@ -239,6 +279,58 @@ def _weight_fq(w, axis, depthwise):
     return LastValueQuantizer(per_axis=True, axis=axis)(w)
 
 
+def _clustered_weight_fq(w, max_abs, fold, axis, depthwise):
+    """Per-channel int8 fake quant of a clustered kernel with ranges ``|fold_c| * max_abs``.
+
+    `w` is the (folded) kernel, `max_abs` the scalar ``max|kernel|`` of the
+    unfolded kernel, `fold` the per-output-channel fold factors (None: no
+    BN). Every channel then maps a shared centroid value to one int8 code
+    (up to the sign of its fold factor).
+    """
+    shape = w.shape
+    if depthwise:
+        w = ops.reshape(w, tuple(shape[:-2]) + (shape[-2] * shape[-1],))
+        axis = -1
+    channels = w.shape[axis]
+    if fold is None:
+        r = ops.full((channels,), 1.0, dtype=w.dtype) * max_abs
+    else:
+        r = ops.abs(ops.reshape(fold, (channels,))) * max_abs
+    r = ops.maximum(r, _MIN_RANGE)
+    return ops.reshape(fake_quant(w, -r, r, num_bits=8, narrow_range=True, axis=axis), shape)
+
+
+def _cast(x, dtype):
+    return x if keras.backend.standardize_dtype(x.dtype) == keras.backend.standardize_dtype(dtype) else ops.cast(x, dtype)
+
+
+def _stored_dtype():
+    """Context in which variables read as their stored dtype (float32), not autocast to the compute dtype."""
+    try:
+        from keras.src.backend import AutocastScope
+    except ImportError:  # a Keras that moved it: variables may read autocast
+        return contextlib.nullcontext()
+    return AutocastScope(None)
+
+
+def _initial_clusters(values, k, pin_zero):
+    """(centroids, centroid_mask, indices) of a kernel: its own values when it has <= k, else k-means++."""
+    values = np.asarray(values)
+    unique, inverse = np.unique(values, return_inverse=True)
+    if unique.size <= k:
+        centroids = np.zeros(k)
+        centroids[: unique.size] = unique
+        indices = inverse.reshape(values.shape).astype(np.int32)
+    else:
+        from tfopt.clustering import cluster_tensor
+
+        centroids, _, indices = cluster_tensor(values, k, "kmeans++", preserve_sparsity=pin_zero)
+    mask = np.ones(k)
+    if pin_zero:
+        mask[(centroids == 0) & np.isin(np.arange(k), np.unique(indices))] = 0.0
+    return centroids, mask, indices
+
+
 def _out_scale(s, kernel, layer):
     """Broadcasts a per-output-channel vector `s` onto `kernel`."""
     if _is_depthwise(layer):
@@ -268,6 +360,12 @@ class QuantizeWrapper(keras.layers.Wrapper):
             batch statistics are frozen (the folded inference form is used in
             training too). None: never.
         num_outputs: number of output tensors of `layer`.
+        clustered_weights: attribute paths of the kernels to train as
+            clusters (cluster-preserving QAT, see the module docstring),
+            e.g. ``("kernel",)``; each must be a quantized weight of `layer`
+            (the default 8-bit scheme only). Empty: none.
+        number_of_clusters: the number of centroids of each clustered
+            weight (>= 2); required with `clustered_weights`.
         **kwargs: base layer arguments (name, ...).
     """
 
@@ -281,8 +379,35 @@ class QuantizeWrapper(keras.layers.Wrapper):
         ema_decay=0.99,
         freeze_bn_delay=None,
         num_outputs=1,
+        clustered_weights=(),
+        number_of_clusters=None,
         **kwargs,
     ):
+        _check_wrapped(layer, "QuantizeWrapper")
+        if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float, np.integer, np.floating)) or not (
+            0.0 <= ema_decay < 1.0
+        ):
+            raise ValueError(f"`ema_decay` must be a float in [0, 1), e.g. 0.99. Received: ema_decay={ema_decay!r}")
+        clustered_weights = tuple(clustered_weights or ())
+        if clustered_weights:
+            if quantize_config is not None:
+                raise ValueError(
+                    f"`clustered_weights` works with tfopt's default 8-bit scheme only, not with a QuantizeConfig "
+                    f"(layer {layer.name!r} of type {type(layer).__name__}). Drop one of the two. "
+                    f"Received: clustered_weights={clustered_weights!r}, quantize_config={quantize_config!r}"
+                )
+            paths = [p for p, _ in _kernel_paths(layer)]
+            bad = [p for p in clustered_weights if p not in paths]
+            if bad or len(set(clustered_weights)) != len(clustered_weights):
+                raise ValueError(
+                    f"`clustered_weights` must name distinct quantized weights of layer {layer.name!r} of type "
+                    f"{type(layer).__name__} (one of {paths}). Received: clustered_weights={clustered_weights!r}"
+                )
+            if isinstance(number_of_clusters, bool) or not isinstance(number_of_clusters, (int, np.integer)) or number_of_clusters < 2:
+                raise ValueError(
+                    "`number_of_clusters` must be an integer >= 2 (the centroids of each clustered weight) when "
+                    f"`clustered_weights` is set (layer {layer.name!r}). Received: number_of_clusters={number_of_clusters!r}"
+                )
         super().__init__(layer, **kwargs)
         self.quantize_config = quantize_config
         self.batch_norm = batch_norm
@@ -291,6 +416,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
         self.ema_decay = float(ema_decay)
         self.freeze_bn_delay = None if freeze_bn_delay is None else int(freeze_bn_delay)
         self.num_outputs = int(num_outputs)
+        self.clustered_weights = clustered_weights
+        self.number_of_clusters = int(number_of_clusters) if number_of_clusters is not None else None
 
     # ----- structure ---------------------------------------------------------
 
@@ -368,7 +495,65 @@ class QuantizeWrapper(keras.layers.Wrapper):
         self.step = None
         if self.batch_norm is not None:
             self.step = self.add_weight(name="step", shape=(), initializer="zeros", trainable=False, dtype="int32")
+        self._clusters = {}
+        if self.clustered_weights:
+            by_path = {p: var for (p, _), var in zip(self._weight_specs(), self._weights)}
+            k = self.number_of_clusters
+            for path in self.clustered_weights:
+                var = by_path[path]
+                with _stored_dtype():
+                    values = ops.convert_to_numpy(var)
+                # From the inner kernel as it is now; quantize_model then sets
+                # the clustering's own values (`set_clusters`), a load overwrites them.
+                init = _initial_clusters(values, k, self.preserve_sparsity and bool(np.any(values == 0)))
+                name = path.replace(".", "_")
+
+                def const(value):
+                    return lambda shape, dtype=None: np.asarray(value).astype(keras.backend.standardize_dtype(dtype))
+
+                centroids = self.add_weight(
+                    name=f"{name}_centroids", shape=(k,), dtype="float32", initializer=const(init[0]),
+                    trainable=True, autocast=False,
+                )
+                mask = self.add_weight(
+                    name=f"{name}_centroid_mask", shape=(k,), dtype="float32", initializer=const(init[1]),
+                    trainable=False, autocast=False,
+                )
+                indices = self.add_weight(
+                    name=f"{name}_indices", shape=var.shape, dtype="int32", initializer=const(init[2]), trainable=False
+                )
+                self._clusters[path] = (centroids, mask, indices)
+                var.trainable = False  # read only through the lookup: no gradient, no optimizer slots
         self.built = True
+
+    @property
+    def clustered_variables(self):
+        """{weight path: (centroids, centroid_mask, indices)} of the clustered weights."""
+        return dict(self._clusters)
+
+    def set_clusters(self, path, centroids, centroid_mask, indices):
+        """Sets the clusters of the weight at `path` (called at quantize time).
+
+        Args:
+            path: a name in `clustered_weights`.
+            centroids: up to `number_of_clusters` floats (padded with zeros).
+            centroid_mask: 0/1 per centroid (0 pins it at zero), same length.
+            indices: int array of the weight's shape, values in
+                ``[0, len(centroids))``.
+        """
+        c_var, m_var, i_var = self._clusters[path]
+        k = self.number_of_clusters
+        c = np.zeros(k)
+        m = np.ones(k)
+        c[: len(centroids)] = np.asarray(centroids, np.float64)
+        m[: len(centroid_mask)] = np.asarray(centroid_mask, np.float64)
+        c_var.assign(c.astype("float32"))
+        m_var.assign(m.astype("float32"))
+        i_var.assign(np.asarray(indices, np.int32).reshape(i_var.shape))
+
+    def _clustered_value(self, path):
+        centroids, mask, indices = self._clusters[path]
+        return ops.take(centroids * mask, indices)
 
     def set_masks_from_weights(self):
         """Sets each ``<weight>_mask`` to ``weight != 0`` (called once, at quantize time)."""
@@ -402,9 +587,10 @@ class QuantizeWrapper(keras.layers.Wrapper):
     def _call_custom(self, inputs, training, **kwargs):
         specs = self._weight_specs()
         mapping = []
-        for i, ((_, quantizer), var) in enumerate(zip(specs, self._weights)):
-            w = self._masked(i, ops.convert_to_tensor(var))
-            mapping.append((var, quantizer(w, training, self._wq_vars[i])))
+        with _stored_dtype():
+            for i, ((_, quantizer), var) in enumerate(zip(specs, self._weights)):
+                w = self._masked(i, ops.convert_to_tensor(var))
+                mapping.append((var, quantizer(w, training, self._wq_vars[i])))
         if training is not None and "training" in self.layer._call_signature.parameters:
             kwargs["training"] = training
         with keras.StatelessScope(state_mapping=mapping):
@@ -440,20 +626,36 @@ class QuantizeWrapper(keras.layers.Wrapper):
         bn = self.batch_norm
         folding = bn is not None
         fold_scale = None
-        if folding:
-            gamma = bn.gamma if bn.scale else ops.ones_like(bn.moving_variance)
-            fold_scale = gamma / ops.sqrt(bn.moving_variance + bn.epsilon)
-        for i, ((path, axis), var) in enumerate(zip(specs, self._weights)):
-            w = self._masked(i, ops.convert_to_tensor(var))
-            if isinstance(layer, L.Conv1D):
-                # TF runs conv1d as conv2d on an expanded kernel; a per-channel
-                # fake quant followed by that ExpandDims does not convert, so
-                # the kernel is expanded first (see _conv1d_as_2d).
-                w = ops.expand_dims(w, 0)
-            folded_path = "pointwise_kernel" if _is_separable(layer) else "kernel"
-            if folding and path == folded_path:
-                w = w * _out_scale(fold_scale, w, layer)
-            kernels[path] = _weight_fq(w, axis, _is_depthwise(layer) or path == "depthwise_kernel")
+        with _stored_dtype():  # the weight path runs on float32 variables, also under mixed_float16
+            if folding:
+                gamma = bn.gamma if bn.scale else ops.ones_like(ops.convert_to_tensor(bn.moving_variance))
+                fold_scale = gamma / ops.sqrt(bn.moving_variance + bn.epsilon)
+            for i, ((path, axis), var) in enumerate(zip(specs, self._weights)):
+                clustered = path in self._clusters
+                w = self._clustered_value(path) if clustered else ops.convert_to_tensor(var)
+                w = self._masked(i, w)
+                if isinstance(layer, L.Conv1D):
+                    # TF runs conv1d as conv2d on an expanded kernel; a per-channel
+                    # fake quant followed by that ExpandDims does not convert, so
+                    # the kernel is expanded first (see _conv1d_as_2d).
+                    w = ops.expand_dims(w, 0)
+                folded_path = "pointwise_kernel" if _is_separable(layer) else "kernel"
+                fold = None
+                if folding and path == folded_path:
+                    fold = fold_scale
+                    max_abs = ops.max(ops.abs(w)) if clustered else None
+                    w = w * _out_scale(fold_scale, w, layer)
+                depthwise = _is_depthwise(layer) or path == "depthwise_kernel"
+                if clustered and axis is not None:
+                    if fold is None:
+                        max_abs = ops.max(ops.abs(w))
+                    kernels[path] = _clustered_weight_fq(w, max_abs, fold, axis, depthwise)
+                else:
+                    kernels[path] = _weight_fq(w, axis, depthwise)
+            bias = layer.bias if getattr(layer, "use_bias", False) else None
+            if bias is not None:
+                bias = ops.convert_to_tensor(bias)
+        kernels = {p: _cast(k, layer.compute_dtype) for p, k in kernels.items()}
 
         x = inputs
         if _is_separable(layer):
@@ -481,11 +683,10 @@ class QuantizeWrapper(keras.layers.Wrapper):
         else:  # Conv2D/3D
             y = layer.convolution_op(x, kernels["kernel"])
 
-        bias = layer.bias if getattr(layer, "use_bias", False) else None
         if folding:
             y = self._fold_bn(y, bias, fold_scale, training)
         elif bias is not None:
-            y = y + bias
+            y = y + _cast(bias, y.dtype)
 
         act = self._activation()
         if act in _FUSED:
@@ -509,11 +710,12 @@ class QuantizeWrapper(keras.layers.Wrapper):
 
     def _fold_bn(self, y, bias, s, training):
         bn = self.batch_norm
-        beta = bn.beta if bn.center else ops.zeros_like(bn.moving_mean)
-        b = bias if bias is not None else ops.zeros_like(bn.moving_mean)
+        # (JAX's zeros_like does not take a keras Variable: convert it first)
+        beta = bn.beta if bn.center else ops.zeros_like(ops.convert_to_tensor(bn.moving_mean))
+        b = bias if bias is not None else ops.zeros_like(ops.convert_to_tensor(bn.moving_mean))
 
         def folded():
-            return y + (beta + (b - bn.moving_mean) * s)
+            return y + _cast(beta + (b - bn.moving_mean) * s, y.dtype)
 
         if not training:
             return folded()
@@ -538,7 +740,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if bn.renorm or bn.synchronized or not bn.trainable:
             # Keras' own code path for what the shortcut does not cover. (A
             # frozen BN uses its moving statistics in training too.)
-            return bn(y / ops.cast(safe_s, y.dtype) + b, training=True)
+            return bn(y / ops.cast(safe_s, y.dtype) + _cast(b, y.dtype), training=True)
         x = ops.cast(y, "float32")
         mean_y, var_y = ops.moments(x, axes=tuple(range(len(x.shape) - 1)))
         m = bn.momentum
@@ -564,6 +766,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
             "ema_decay": self.ema_decay,
             "freeze_bn_delay": self.freeze_bn_delay,
             "num_outputs": self.num_outputs,
+            "clustered_weights": list(self.clustered_weights),
+            "number_of_clusters": self.number_of_clusters,
         }
 
     @classmethod

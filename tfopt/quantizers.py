@@ -29,6 +29,8 @@ fake-quantized tensor (and, in training, updates the range variables in-graph).
 They are serializable with a flat `get_config`.
 """
 
+import numbers
+
 import keras
 from keras import ops
 
@@ -44,6 +46,23 @@ __all__ = [
 
 # A range narrower than this is widened: a zero-width range gives scale 0.
 _MIN_RANGE = 1e-6
+# Activation ranges are at least this wide. A dead activation (a ReLU that never fires, common in small
+# heavily pruned layers) would otherwise get a ~4e-9 int8 scale, and the op producing it a requantization
+# scale (in_scale * w_scale / out_scale) far above what XNNPACK accepts (< 256; ADD needs input/output
+# scale ratios >= 2**-14): LiteRT's default CPU runtime then refuses the whole model. Real activations
+# span far more than 0.01, so this costs them nothing.
+_MIN_ACTIVATION_RANGE = 1e-2
+
+
+def _check_num_bits(num_bits):
+    # The FakeQuant ops (and TFLite) take 2 to 16 bits; checked here, not deep in the backend at the first call.
+    if isinstance(num_bits, bool) or not isinstance(num_bits, numbers.Integral):
+        raise TypeError(f"`num_bits` must be an integer from 2 to 16, e.g. 8. Received: num_bits={num_bits!r}")
+    if not 2 <= num_bits <= 16:
+        raise ValueError(
+            f"`num_bits` must be from 2 to 16 (8 for int8 TFLite kernels). Received: num_bits={num_bits!r}"
+        )
+    return int(num_bits)
 
 
 def fake_quant(x, min_value, max_value, num_bits=8, narrow_range=False, axis=None):
@@ -52,7 +71,10 @@ def fake_quant(x, min_value, max_value, num_bits=8, narrow_range=False, axis=Non
     ``scale = (max - min) / (2**num_bits - 1 - narrow_range)``; the range is
     nudged so that 0.0 falls on the grid, then
     ``y = round((clip(x, min, max) - min) / scale) * scale + min``.
-    Gradients: ``dy/dx = 1`` inside the nudged range, 0 outside.
+    Gradients: ``dy/dx = 1`` inside the nudged range (bounds included), 0
+    outside; the upstream gradient of the values strictly below (above) the
+    range goes to `min_value` (`max_value`), as in TensorFlow's FakeQuant
+    gradient, on every backend.
 
     Args:
         x: float tensor.
@@ -66,9 +88,66 @@ def fake_quant(x, min_value, max_value, num_bits=8, narrow_range=False, axis=Non
     Returns:
         The fake-quantized tensor, same shape and dtype as `x`.
     """
+    num_bits = _check_num_bits(num_bits)
+    if keras.backend.backend() != "tensorflow" and not isinstance(x, keras.KerasTensor):
+        return _fake_quant_tf_gradient(x, min_value, max_value, num_bits, narrow_range, axis)
     return keras.quantizers.fake_quant_with_min_max_vars(
         x, min_value, max_value, num_bits=num_bits, narrow_range=narrow_range, axis=axis
     )
+
+
+def _nudged_range(lo, hi, num_bits, narrow_range):
+    # The nudging of keras.quantizers.fake_quant_with_min_max_vars, step by step, so the masks
+    # below clip exactly where its forward pass clips.
+    quant_max = (1 << num_bits) - 1
+    quant_min = 1 if narrow_range else 0
+    scale = ops.divide(ops.subtract(hi, lo), quant_max - quant_min)
+    zero_point = ops.round(ops.clip(quant_min - ops.divide(lo, scale), quant_min, quant_max))
+    return ops.multiply(ops.subtract(quant_min, zero_point), scale), ops.multiply(ops.subtract(quant_max, zero_point), scale)
+
+
+def _fake_quant_tf_gradient(x, min_value, max_value, num_bits, narrow_range, axis):
+    """Keras' fake quant (JAX, PyTorch, NumPy backends) with TensorFlow's gradient.
+
+    Keras' own gradient on these backends also sends the gradient of a value lying exactly on a
+    nudged bound to `min_value` / `max_value` (``x <= min``, ``x >= max``), on top of passing it to
+    `x`. TensorFlow's FakeQuant gradient uses strict inequalities. The bound is hit every step (the
+    largest |w| of a weight is its range), so training would drift from TensorFlow's by a step's
+    worth of gradient on those values.
+    """
+    x = ops.convert_to_tensor(x)
+    lo = ops.convert_to_tensor(min_value, "float32")
+    hi = ops.convert_to_tensor(max_value, "float32")
+    rank = len(x.shape)
+    axis = None if axis is None else axis % rank
+
+    @ops.custom_gradient
+    def quantize(x, lo, hi):
+        y = keras.quantizers.fake_quant_with_min_max_vars(
+            x, lo, hi, num_bits=num_bits, narrow_range=narrow_range, axis=axis
+        )
+        nudged_min, nudged_max = _nudged_range(lo, hi, num_bits, narrow_range)
+        if axis is not None:
+            shape = [1] * rank
+            shape[axis] = -1
+            nudged_min, nudged_max = ops.reshape(nudged_min, shape), ops.reshape(nudged_max, shape)
+        xf = ops.cast(x, "float32")
+        inside = ops.logical_and(ops.greater_equal(xf, nudged_min), ops.less_equal(xf, nudged_max))
+        below, above = ops.less(xf, nudged_min), ops.greater(xf, nudged_max)
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            reduce = tuple(i for i in range(rank) if i != axis) if axis is not None else None
+            up = ops.cast(upstream, "float32")
+            d_lo = ops.sum(ops.where(below, up, 0.0), axis=reduce)
+            d_hi = ops.sum(ops.where(above, up, 0.0), axis=reduce)
+            dx = ops.where(inside, upstream, ops.zeros_like(upstream))
+            return dx, ops.reshape(d_lo, ops.shape(lo)), ops.reshape(d_hi, ops.shape(hi))
+
+        return y, grad
+
+    return quantize(x, lo, hi)
 
 
 def symmetric_range(w, axis=None):
@@ -88,7 +167,9 @@ def moving_average_range(x, min_var, max_var, initialized_var, ema_decay, non_ne
 
     The first call (``initialized_var == 0``) copies the batch range; later
     calls blend: ``new = ema_decay * old + (1 - ema_decay) * batch``. The range
-    always contains 0 (TFLite needs zero exactly representable).
+    always contains 0 (TFLite needs zero exactly representable) and is at
+    least 0.01 wide (a dead activation must not get a scale that XNNPACK
+    refuses).
 
     Args:
         x: the activation tensor of this batch.
@@ -106,10 +187,10 @@ def moving_average_range(x, min_var, max_var, initialized_var, ema_decay, non_ne
     first = ops.equal(initialized_var, 0.0)
     new_min = ops.where(first, batch_min, ema_decay * min_var + (1.0 - ema_decay) * batch_min)
     new_max = ops.where(first, batch_max, ema_decay * max_var + (1.0 - ema_decay) * batch_max)
-    new_max = ops.maximum(new_max, new_min + _MIN_RANGE)
+    new_max = ops.maximum(new_max, new_min + _MIN_ACTIVATION_RANGE)
     min_var.assign(new_min)
     max_var.assign(new_max)
-    initialized_var.assign(ops.ones_like(initialized_var))
+    initialized_var.assign(ops.ones(initialized_var.shape, initialized_var.dtype))
     return new_min, new_max
 
 
@@ -158,7 +239,7 @@ class LastValueQuantizer(Quantizer):
     """
 
     def __init__(self, num_bits=8, per_axis=False, axis=-1, narrow_range=True):
-        self.num_bits = int(num_bits)
+        self.num_bits = _check_num_bits(num_bits)
         self.per_axis = bool(per_axis)
         self.axis = int(axis)
         self.narrow_range = bool(narrow_range)
@@ -179,8 +260,10 @@ class MovingAverageQuantizer(Quantizer):
     In training the range is initialized from the first batch and then
     follows ``range <- ema_decay * range + (1 - ema_decay) * batch_range``
     (see `moving_average_range`); in inference the stored range is used.
-    Creates three non-trainable scalar variables, in this order:
-    ``<name>_min``, ``<name>_max``, ``<name>_initialized``.
+    Creates three non-trainable scalar float32 variables (never autocast, so
+    they stay float32 under a mixed precision policy), in this order:
+    ``<name>_min``, ``<name>_max``, ``<name>_initialized``. The fake quant
+    runs in float32; the result is cast back to the input's dtype.
 
     Args:
         num_bits: bit width.
@@ -194,7 +277,7 @@ class MovingAverageQuantizer(Quantizer):
     def __init__(self, num_bits=8, ema_decay=0.99, narrow_range=False, non_negative=False):
         if not 0.0 <= float(ema_decay) < 1.0:
             raise ValueError(f"`ema_decay` must be in [0, 1). Received: ema_decay={ema_decay!r}")
-        self.num_bits = int(num_bits)
+        self.num_bits = _check_num_bits(num_bits)
         self.ema_decay = float(ema_decay)
         self.narrow_range = bool(narrow_range)
         self.non_negative = bool(non_negative)
@@ -207,6 +290,13 @@ class MovingAverageQuantizer(Quantizer):
                 initializer=keras.initializers.Constant(value),
                 trainable=False,
                 dtype="float32",
+                # Ranges stay float32 under a mixed policy (mixed_float16): no
+                # autocast to the compute dtype, the fake quant runs in float32.
+                autocast=False,
+                # Under a tf.distribute strategy each replica sees its own part of
+                # the batch; "mean" all-reduces every update so all replicas (and
+                # workers) keep one identical range.
+                aggregation="mean",
             )
 
         # Untrained ranges start at [-6, 6] only so that an untrained model
@@ -255,7 +345,7 @@ class FixedRangeQuantizer(Quantizer):
             )
         self.min_value = float(min_value)
         self.max_value = float(max_value)
-        self.num_bits = int(num_bits)
+        self.num_bits = _check_num_bits(num_bits)
         self.narrow_range = bool(narrow_range)
 
     def __call__(self, inputs, training=None, weights=None):
