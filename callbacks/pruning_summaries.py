@@ -51,6 +51,14 @@ class PruningSummaries(keras.callbacks.Callback):
         self._writer = _tensorboard_writer(self.log_dir)
         self._batches = 0
 
+    def on_train_begin(self, logs=None):
+        if not _pruned_wrappers(self.model):
+            raise ValueError(
+                "PruningSummaries found no tfopt.PruneLowMagnitude layer in the model: there is no sparsity to "
+                "log. Wrap the model with `tfopt.prune_low_magnitude(model, ...)` before training, or drop this "
+                f"callback. Received: model={self.model.name!r}"
+            )
+
     def _write(self):
         wrappers = _pruned_wrappers(self.model)
         if not wrappers:

@@ -50,7 +50,8 @@ class UpdatePruningStep(keras.callbacks.Callback):
         if not self._wrappers:
             raise ValueError(
                 "UpdatePruningStep found no tfopt.PruneLowMagnitude layer in the model. Wrap the model "
-                "with `tfopt.prune_low_magnitude(model, ...)` before training, or drop this callback."
+                "with `tfopt.prune_low_magnitude(model, ...)` before training, or drop this callback. "
+                f"Received: model={self.model.name!r}"
             )
         for w in self._wrappers:
             w._step_callback_attached = True
@@ -66,7 +67,14 @@ class UpdatePruningStep(keras.callbacks.Callback):
         if logs is not None and self._base is not None:
             logs["sparsity"] = self.sparsity
 
+    def _sync(self):
+        # On JAX, `fit` holds the variable values outside the variables between
+        # epochs; reading `self.model` attaches them (and makes `fit` pick up
+        # what is written here). Done only when variables are read or written.
+        return self.model
+
     def _read_state(self, steps_so_far):
+        self._sync()
         self._base = [int(ops.convert_to_numpy(w.pruning_step)) - steps_so_far for w in self._wrappers]
         self._sizes = [sum(math.prod(v.shape) for v, _, _ in w.pruned_weights) for w in self._wrappers]
         self._kept = [w.read_mask_state() for w in self._wrappers]
@@ -85,6 +93,7 @@ class UpdatePruningStep(keras.callbacks.Callback):
             due = [wrapper.pruning_schedule(s) for s in range(first, first + per_call)]
             due = [sparsity for should_prune, sparsity in due if should_prune]
             if due:
+                self._sync()
                 self._kept[i] = wrapper.update_masks(due[-1])
 
     def on_train_batch_end(self, batch, logs=None):

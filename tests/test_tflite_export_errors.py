@@ -127,3 +127,29 @@ def test_cli_convert_writes_nothing_on_failure(tmp_path, tiny):
         args.func(args)
     with pytest.raises(SystemExit):
         _parser().parse_args(["convert", "m.keras", "-o", "o.tflite", "--target", "coral"])
+
+
+def test_convert_refuses_a_file_xnnpack_cannot_run():
+    # An activation range of ~0 (what a dead layer got before ranges had a minimum width) gives an int8
+    # scale XNNPACK refuses while the reference kernels run it: convert must fail, not return the file.
+    import tfopt
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,), name="x")
+    hidden = keras.layers.Dense(4, activation="relu", name="hidden")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="logits")(hidden))
+    qat = tfopt.quantize_model(model)
+    x = np.random.default_rng(0).random((8, 4), np.float32)
+    qat(x, training=True)
+    wrapper = qat.get_layer("quant_hidden")
+    (hi,) = [v for v in wrapper.variables if v.path.endswith("output_0_max")]
+    (lo,) = [v for v in wrapper.variables if v.path.endswith("output_0_min")]
+    lo.assign(0.0)
+    hi.assign(1e-6)
+    before = [v.numpy().copy() for v in qat.variables]
+    with pytest.raises(te.ConversionError, match="XNNPACK"):
+        te.convert(qat, quiet=True)
+    for a, v in zip(before, qat.variables):
+        np.testing.assert_array_equal(a, v.numpy())
+    hi.assign(1.0)  # a sane range converts
+    assert len(te.convert(qat, quiet=True).content) > 0

@@ -61,22 +61,56 @@ def _load_array(path):
     return data
 
 
+def _convert_argv(args):
+    """The `tfopt convert` arguments that reproduce `args` (to run them in another process)."""
+    argv = ["convert", args.model, "-o", args.output, "--target", args.target, "--mode", args.mode,
+            "--max-samples", str(args.max_samples)]
+    for flag, value in (("--io-dtype", args.io_dtype), ("--rep-data", args.rep_data), ("--c-array", args.c_array)):
+        if value is not None:
+            argv += [flag, value]
+    return argv + ["--no-strict"] * args.no_strict + ["--quiet"] * args.quiet
+
+
 def _convert(args):
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        # The converter needs the TensorFlow backend and a process's backend is fixed once keras is
+        # imported (tfopt imports it): the same command runs in a TensorFlow-backend child process.
+        import subprocess
+        import sys
+
+        env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+        return subprocess.run([sys.executable, "-m", "tfopt", *_convert_argv(args)], env=env).returncode
+
     from tfopt.tflite_export.converter import convert
 
     if not args.output.endswith(".tflite"):
         raise ValueError(f"The output file must end with .tflite. Received: -o {args.output!r}")
+    # Checked before converting: a failure after `tfl.save` would leave the .tflite without its C array.
+    for flag, path in (("-o", args.output), ("--c-array", args.c_array)):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            raise FileNotFoundError(f"The directory to write into does not exist; create it first. Received: {flag} {path!r}")
+        if flag == "-o" and os.path.isdir(path):
+            raise ValueError(f"This path is a directory, not a file: name the file to write. Received: {flag} {path!r}")
     rep = _load_array(args.rep_data) if args.rep_data else None
-    tfl = convert(
-        args.model,
-        target=args.target,
-        mode=args.mode,
-        representative_data=rep,
-        io_dtype=args.io_dtype,
-        strict=not args.no_strict,
-        max_samples=args.max_samples,
-        quiet=args.quiet,
-    )
+    try:
+        tfl = convert(
+            args.model,
+            target=args.target,
+            mode=args.mode,
+            representative_data=rep,
+            io_dtype=args.io_dtype,
+            strict=not args.no_strict,
+            max_samples=args.max_samples,
+            quiet=args.quiet,
+        )
+    except ValueError as e:
+        if rep is not None or "needs representative_data" not in str(e):
+            raise
+        # The Python argument name means nothing on the command line: name the flag.
+        raise ValueError(f"{e} On the command line: --rep-data calib.npy (float32, shape (N, ...)).") from None
     tfl.save(args.output)
     if args.c_array:
         tfl.save_c_array(args.c_array)

@@ -15,6 +15,8 @@ def atomic_write(path, data):
         raise FileNotFoundError(
             f"The directory to save into does not exist; create it first. Received: path={path!r}"
         )
+    if os.path.isdir(path):
+        raise ValueError(f"This path is a directory, not a file: pass the file to write inside it. Received: path={path!r}")
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tfopt-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

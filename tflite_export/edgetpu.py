@@ -368,7 +368,7 @@ def parse_compiler_log(text):
         ValueError: the text has none of the compiler's lines.
     """
     if not isinstance(text, str):
-        raise TypeError(f"`text` must be the log as a str. Received: text of type {type(text).__name__}")
+        raise TypeError(f"`text` must be the log as a str. Received: text={text!r:.80} of type {type(text).__name__}")
     version = re.search(r"Edge TPU Compiler version\s+(\S+)", text)
     tpu = re.search(r"Number of operations that will run on Edge TPU:\s*(\d+)", text)
     cpu = re.search(r"Number of operations that will run on CPU:\s*(\d+)", text)

@@ -267,6 +267,42 @@ def output_scale(tflite):
     return None
 
 
+def _check_compare_args(keras_model, x):
+    """`x` as float32, after the checks `predict` would otherwise fail on deep inside Keras."""
+    import keras
+
+    if not isinstance(keras_model, keras.Model):
+        raise TypeError(
+            "`keras_model` must be the keras Model the .tflite was converted from (load a file with "
+            f"`keras.saving.load_model(path)`). Received: keras_model={keras_model!r} of type {type(keras_model).__name__}"
+        )
+    try:
+        x = np.asarray(x, np.float32)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"`x` must be a numeric array of model inputs, batch first. Received: x of type {type(x).__name__}"
+        ) from None
+    if x.ndim == 0 or len(x) == 0:
+        raise ValueError(f"`x` must hold at least one input sample, batch first. Received: x with 0 samples, shape={x.shape}")
+    try:
+        inputs = keras_model.inputs
+    except (AttributeError, ValueError):  # a subclassed model: no known input shape to check against
+        inputs = None
+    if inputs and len(inputs) == 1:
+        want = tuple(inputs[0].shape[1:])
+        if x.ndim != len(want) + 1 or any(w is not None and w != d for w, d in zip(want, x.shape[1:])):
+            raise ValueError(
+                f"`x` must have shape (batch, {', '.join(str(d) for d in want)}) like the model input {want}. "
+                f"Received: x.shape={x.shape}"
+            )
+    if not np.isfinite(x).all():
+        raise ValueError(
+            f"`x` contains NaN or inf in {int((~np.isfinite(x.reshape(len(x), -1))).any(axis=1).sum())} sample(s): "
+            f"outputs on them cannot be compared. Remove or fix them. Received: x with non-finite values"
+        )
+    return x
+
+
 def compare(keras_model, tflite, x, *, batch_size=32):
     """Top-1 agreement and error, in output quantization steps, of a `.tflite` vs its Keras model.
 
@@ -285,7 +321,7 @@ def compare(keras_model, tflite, x, *, batch_size=32):
     Example:
         >>> c = tfopt.tflite_export.compare(model, tfl, x_test[:200]); c.max_error_steps
     """
-    x = np.asarray(x, np.float32)
+    x = _check_compare_args(keras_model, x)
     ref = np.asarray(keras_model.predict(x, batch_size=batch_size, verbose=0))
     got = Runner(tflite).predict(x)
     if isinstance(got, list):

@@ -30,6 +30,17 @@ def _sizes(content):
     return {"raw_bytes": len(content), "gzip_bytes": len(gzip.compress(content, 9))}
 
 
+def _save_keras(model, path):
+    # Keras writes the archive in place; a temp name + rename never leaves a half-written file.
+    tmp = f"{path[: -len('.keras')]}.tmp-{os.getpid()}.keras"
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def _compile(model, lr):
     model.compile(
         optimizer=keras.optimizers.Adam(lr),
@@ -59,6 +70,7 @@ def run_demo(out_dir="tfopt_artifacts", float_epochs=8, prune_epochs=6, qat_epoc
     """
     from tfopt import callbacks as tfopt_callbacks
     from tfopt import tflite_export
+    from tfopt.tflite_export._io import atomic_write
 
     for name, value in (("float_epochs", float_epochs), ("prune_epochs", prune_epochs)):
         if not isinstance(value, int) or value < 1:
@@ -78,7 +90,7 @@ def run_demo(out_dir="tfopt_artifacts", float_epochs=8, prune_epochs=6, qat_epoc
     model = _compile(tfopt_data.mnist_cnn(), 1e-3)
     model.fit(x_train, y_train, batch_size=32, epochs=float_epochs, verbose=fit_verbose)
     float_acc = _accuracy(model, x_test, y_test)
-    model.save(os.path.join(out_dir, "float.keras"))
+    _save_keras(model, os.path.join(out_dir, "float.keras"))
 
     steps_per_epoch = int(np.ceil(len(x_train) / 32))
     ramp_epochs = max(prune_epochs - 1, 1)
@@ -95,7 +107,7 @@ def run_demo(out_dir="tfopt_artifacts", float_epochs=8, prune_epochs=6, qat_epoc
     _compile(stripped, 1e-3)
     pruned_acc = _accuracy(stripped, x_test, y_test)
     report = tfopt.sparsity_report(stripped)
-    stripped.save(os.path.join(out_dir, "pruned.keras"))
+    _save_keras(stripped, os.path.join(out_dir, "pruned.keras"))
     say("\nPer-layer sparsity of the pruned model:")
     say(report)
 
@@ -135,8 +147,8 @@ def run_demo(out_dir="tfopt_artifacts", float_epochs=8, prune_epochs=6, qat_epoc
         "artifacts": sorted(os.path.join(out_dir, f) for f in os.listdir(out_dir)),
         "seconds": round(time.time() - t0, 1),
     }
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump(result, f, indent=2, default=str)
+    # Temp file + rename, like every file tfopt writes: a crash never leaves a half-written report.
+    atomic_write(os.path.join(out_dir, "report.json"), json.dumps(result, indent=2, default=str).encode())
 
     sizes = result["sizes"]
     say("\nEdge TPU report:")

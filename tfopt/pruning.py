@@ -106,17 +106,40 @@ def _input_axis(layer):
     return -2
 
 
+def _stateless_scope():
+    """The active `keras.StatelessScope`, or None."""
+    try:
+        from keras.src.backend.common.stateless_scope import get_stateless_scope
+    except ImportError:  # a Keras that moved it: no stateless scope to read
+        return None
+    return get_stateless_scope()
+
+
 class _MaskConstraint:
-    """Re-applies the mask after each optimizer step, after any user constraint."""
+    """Re-applies the mask after each optimizer step, after any user constraint.
+
+    The JAX trainer applies constraints in `optimizer.stateless_apply`, whose
+    scope maps only the trainable and optimizer variables: the mask (a
+    non-trainable variable) is not readable there. `PruneLowMagnitude.call`
+    therefore records the mask value of the training forward pass (`traced`),
+    which belongs to the same traced train step, and the constraint uses it
+    when the scope does not map the mask. TensorFlow and PyTorch read the
+    variable.
+    """
 
     def __init__(self, mask, inner):
         self.mask = mask
         self.inner = inner
+        self.traced = None
 
     def __call__(self, w):
         if self.inner is not None:
             w = self.inner(w)
-        return w * ops.cast(self.mask, w.dtype)
+        mask = self.mask
+        scope = _stateless_scope()
+        if scope is not None and self.traced is not None and scope.get_current_value(self.mask) is None:
+            mask = self.traced
+        return w * ops.cast(mask, w.dtype)
 
 
 @keras.saving.register_keras_serializable(package="tfopt")
@@ -149,6 +172,11 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         sparsity_m_by_n=None,
         **kwargs,
     ):
+        if not isinstance(layer, keras.layers.Layer):
+            raise TypeError(
+                "`layer` must be a keras layer to wrap for pruning, e.g. `PruneLowMagnitude(keras.layers.Dense(10))`. "
+                f"Received: layer={layer!r} of type {type(layer).__name__}"
+            )
         if isinstance(layer, PruneLowMagnitude):
             raise ValueError(
                 f"Layer {mu.describe(layer)} is already wrapped for pruning. Pass the inner layer "
@@ -224,6 +252,11 @@ class PruneLowMagnitude(keras.layers.Wrapper):
             # Counted in the train step itself, so a checkpoint taken at any
             # batch holds the right step; UpdatePruningStep mirrors it in Python.
             self.pruning_step.assign_add(1)
+            scope = _stateless_scope()
+            for w, mask, _ in self._pruned:
+                if isinstance(w.constraint, _MaskConstraint):
+                    # None outside a stateless (JAX) train step.
+                    w.constraint.traced = None if scope is None else scope.get_current_value(mask)
         return self.layer(inputs, *args, **kwargs)
 
     def compute_mask(self, inputs, previous_mask=None):
@@ -425,8 +458,13 @@ def prune_low_magnitude(
         sparsity_m_by_n=sparsity_m_by_n,
     )
     if isinstance(to_prune, keras.layers.Layer) and not isinstance(to_prune, keras.Model):
+        if isinstance(to_prune, PruneLowMagnitude):
+            raise ValueError(
+                f"Layer {mu.describe(to_prune)} is already wrapped for pruning. Keep training it, or pass the inner "
+                f"layer (`wrapper.layer`). Received: to_prune={to_prune.name!r}"
+            )
         if _prunable_paths(to_prune) is None and not hasattr(to_prune, "get_prunable_weights"):
-            raise ValueError(_unsupported_message([to_prune]))
+            raise ValueError(_unsupported_message([to_prune]) + f" Received: to_prune={to_prune.name!r}")
         layer = mu.copy_layer(to_prune) if to_prune.built else to_prune
         wrapper = PruneLowMagnitude(layer, **options)
         if layer.built:
@@ -438,11 +476,18 @@ def prune_low_magnitude(
     if _pruned_wrappers(to_prune):
         raise ValueError(
             f"Model {to_prune.name!r} is already wrapped for pruning. Keep training it, or call "
-            "`tfopt.strip_pruning(model)` first to prune the stripped model again."
+            f"`tfopt.strip_pruning(model)` first to prune the stripped model again. Received: to_prune={to_prune.name!r}"
         )
     chosen, unsupported = mu.select_layers(to_prune, filters, "get_prunable_weights")
     if unsupported:
-        raise ValueError(_unsupported_message(unsupported))
+        raise ValueError(_unsupported_message(unsupported) + f" Received: to_prune={to_prune.name!r}")
+    if filters is None and not chosen:
+        raise ValueError(
+            f"Model {to_prune.name!r} has no prunable layer (Dense, Conv, Embedding, ... with weights in "
+            "`tfopt.registry`): there is nothing to prune. Pass the model that holds the weights, select "
+            "DepthwiseConv layers explicitly with `filters=` (they are not pruned by default), or register custom "
+            f"layers with `tfopt.register_layer`. Received: to_prune={to_prune.name!r}"
+        )
     if filters is not None and not chosen:
         raise ValueError(
             f"`filters` selected no prunable layer in model {to_prune.name!r}. Check the names "
