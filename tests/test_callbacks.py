@@ -10,6 +10,9 @@ import tfopt
 import tfopt.callbacks
 from conftest import compile_for_test
 
+# No TensorFlow in these tests: `make test-backends` runs them under JAX and PyTorch too.
+pytestmark = pytest.mark.backend_independent
+
 
 def test_sparsity_appears_in_history(cnn, data):
     x, y = data

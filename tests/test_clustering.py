@@ -12,6 +12,10 @@ from conftest import compile_for_test, image_data, tiny_cnn
 from helpers import assert_config_roundtrip, assert_save_load, assert_same_weights, weights_of
 from tfopt import clustering as cl
 
+# The backend matrix (`make test-backends`) runs this module under JAX and PyTorch too, except the
+# `tensorflow_only` tests (tf.GradientTape references, TFLite conversion).
+pytestmark = pytest.mark.backend_independent
+
 L = keras.layers
 
 
@@ -171,6 +175,7 @@ def test_training_moves_only_centroids_and_keeps_k_values(cnn, data):
     assert report.max_distinct <= 8 and len(report.rows) == 3
 
 
+@pytest.mark.tensorflow_only
 def test_centroid_gradient_is_the_sum_of_its_weights_gradients():
     model = mlp()
     x, y = mlp_data(16)
@@ -492,7 +497,7 @@ def test_model_errors():
 def test_non_finite_weights_are_refused():
     model = mlp()
     kernel = model.get_layer("hidden").kernel
-    kernel.assign(ops.where(ops.arange(kernel.shape[1]) == 0, np.nan, kernel))
+    kernel.assign(np.where(np.arange(kernel.shape[1]) == 0, np.nan, ops.convert_to_numpy(kernel)))
     with pytest.raises(ValueError, match="NaN or inf"):
         cl.cluster_weights(model, 4)
 
@@ -644,6 +649,7 @@ def test_cqat_per_channel_ranges_share_one_code_grid(signs):
     np.testing.assert_allclose(ops.convert_to_numpy(w(x, training=False)), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.tensorflow_only
 def test_default_qat_of_an_unclustered_or_stripped_model_is_unchanged(cnn, data):
     """No ClusterWeights and no `preserve_clusters`: the plain QAT path, identical to preserve_clusters=False."""
     x, y = data

@@ -22,6 +22,9 @@ from helpers import (
     zero_fraction,
 )
 
+# No TensorFlow in these tests: `make test-backends` runs them under JAX and PyTorch too.
+pytestmark = pytest.mark.backend_independent
+
 L = keras.layers
 
 
@@ -129,7 +132,8 @@ def test_masks_update_only_on_schedule_steps(cnn, data):
 
     class Probe(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
-            seen.append(zero_fraction(pruned.get_layer("prune_low_magnitude_logits").layer.kernel))
+            # Through self.model: on JAX that attaches the trained values to the variables.
+            seen.append(zero_fraction(self.model.get_layer("prune_low_magnitude_logits").layer.kernel))
 
     pruned.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False,
                callbacks=[tfopt.callbacks.UpdatePruningStep(), Probe()])
@@ -154,7 +158,7 @@ def test_masks_are_monotone(cnn, data):
 
     class Probe(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
-            history.append(masks_of(pruned))
+            history.append(masks_of(self.model))  # self.model: synced on JAX
 
     pruned.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[tfopt.callbacks.UpdatePruningStep(), Probe()])
     for before, after in zip(history, history[1:]):

@@ -14,6 +14,10 @@ from tfopt import qat
 from tfopt.qat_layers import QuantizeAnnotate, QuantizeConfig, QuantizeLayer, QuantizeWrapper
 from tfopt.quantizers import LastValueQuantizer, MovingAverageQuantizer
 
+# The backend matrix (`make test-backends`) runs this module under JAX and PyTorch too, except the
+# `tensorflow_only` tests (tf.GradientTape references, TFLite conversion).
+pytestmark = pytest.mark.backend_independent
+
 L = keras.layers
 
 
@@ -125,6 +129,7 @@ def test_bn_folding_training_uses_batch_stats_and_freezes():
     np.testing.assert_array_equal(w.batch_norm.moving_mean.numpy(), frozen)
 
 
+@pytest.mark.tensorflow_only
 def test_bn_fold_training_shortcut_equals_the_bn_layer_on_the_unfolded_conv():
     """`_batch_stats_forward` = BN(training=True) of ``y / s + b``: outputs, moving statistics, gradients."""
     keras.utils.set_random_seed(0)
@@ -177,6 +182,7 @@ def test_input_range_starts_from_first_batch(cnn, data):
     np.testing.assert_allclose(hi, x[:16].max(), rtol=1e-6)
 
 
+@pytest.mark.tensorflow_only
 def test_weights_are_per_channel_except_dense():
     m = keras.Sequential([keras.Input((8, 8, 3)), L.Conv2D(4, 3), L.DepthwiseConv2D(3, depth_multiplier=2),
                           L.Flatten(), L.Dense(3)])

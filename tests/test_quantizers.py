@@ -9,6 +9,10 @@ from keras import ops
 from tfopt import quantizers as q
 from helpers import assert_config_roundtrip
 
+# The backend matrix (`make test-backends`) runs this module under JAX and PyTorch too, except the
+# `tensorflow_only` tests (tf.GradientTape references, TFLite conversion).
+pytestmark = pytest.mark.backend_independent
+
 
 def _np_fake_quant(x, lo, hi, num_bits=8, narrow=False):
     """TF's FakeQuantWithMinMaxVars nudging, in numpy (per tensor)."""
@@ -24,6 +28,7 @@ def _np_fake_quant(x, lo, hi, num_bits=8, narrow=False):
     return y, grad, nlo, nhi
 
 
+@pytest.mark.tensorflow_only
 @pytest.mark.parametrize("lo,hi,narrow", [(-1.0, 1.0, True), (-0.7, 2.3, False), (0.0, 6.0, False)], ids=["sym", "asym", "relu6"])
 def test_fake_quant_values_and_gradients_at_edges(lo, hi, narrow):
     rng = np.random.default_rng(0)

@@ -9,6 +9,9 @@ import pytest
 import tfopt
 from helpers import assert_config_roundtrip
 
+# No TensorFlow in these tests: `make test-backends` runs them under JAX and PyTorch too.
+pytestmark = pytest.mark.backend_independent
+
 
 def polynomial(step, initial, final, begin, end, power):
     p = min(1.0, max(0.0, (step - begin) / (end - begin)))

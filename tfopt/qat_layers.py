@@ -720,11 +720,16 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if not training:
             return folded()
         self.step.assign_add(1)
-        if self.freeze_bn_delay is not None:
+        if self.freeze_bn_delay is None:
+            return self._batch_stats_forward(y, b, s)
+        if keras.backend.backend() == "tensorflow" or bn.renorm or bn.synchronized or not bn.trainable:
             return ops.cond(self.step > self.freeze_bn_delay, folded, lambda: self._batch_stats_forward(y, b, s))
-        return self._batch_stats_forward(y, b, s)
+        # JAX (and torch.compile) refuse variable assignments inside a `cond` branch: compute the batch-statistics
+        # branch unconditionally, gate its moving-statistics update, and select the output.
+        active = self.step <= self.freeze_bn_delay
+        return ops.where(active, self._batch_stats_forward(y, b, s, active=active), folded())
 
-    def _batch_stats_forward(self, y, b, s):
+    def _batch_stats_forward(self, y, b, s, active=None):
         """BN with batch statistics of the unfolded pre-activation ``z = y / s + b``, without forming `z`.
 
         Per channel, ``mean(z) = mean(y) / s + b`` and ``var(z) = var(y) / s**2``, so
@@ -732,7 +737,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
         = gamma * sign(s) * (y - mean(y)) / sqrt(var(y) + eps * s**2) + beta``:
         the same function of y, gamma, beta and the moving statistics, with two
         elementwise passes over the activation fewer (forward and backward).
-        The moving statistics are updated exactly as the BN layer would.
+        The moving statistics are updated exactly as the BN layer would (only
+        where the boolean tensor `active` is true, when it is given).
         """
         bn = self.batch_norm
         s = ops.cast(s, "float32")
@@ -744,8 +750,13 @@ class QuantizeWrapper(keras.layers.Wrapper):
         x = ops.cast(y, "float32")
         mean_y, var_y = ops.moments(x, axes=tuple(range(len(x.shape) - 1)))
         m = bn.momentum
-        bn.moving_mean.assign(bn.moving_mean * m + (mean_y / safe_s + ops.cast(b, "float32")) * (1.0 - m))
-        bn.moving_variance.assign(bn.moving_variance * m + (var_y / ops.square(safe_s)) * (1.0 - m))
+        new_mean = bn.moving_mean * m + (mean_y / safe_s + ops.cast(b, "float32")) * (1.0 - m)
+        new_var = bn.moving_variance * m + (var_y / ops.square(safe_s)) * (1.0 - m)
+        if active is not None:
+            new_mean = ops.where(active, new_mean, ops.convert_to_tensor(bn.moving_mean))
+            new_var = ops.where(active, new_var, ops.convert_to_tensor(bn.moving_variance))
+        bn.moving_mean.assign(new_mean)
+        bn.moving_variance.assign(new_var)
         sign = ops.where(s < 0, -1.0, 1.0)
         gamma = ops.cast(bn.gamma, "float32") if bn.scale else ops.ones_like(s)
         beta = ops.cast(bn.beta, "float32") if bn.center else None
