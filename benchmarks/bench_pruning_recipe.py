@@ -79,6 +79,7 @@ class Recipe:
     frequency: int = 25
     qat_epochs: int = 3
     qat_lr: float = 1e-4
+    qat_freeze_bn_delay: int = None  # tfopt only (TFMOT has no such option): quantize_model(freeze_bn_delay=)
 
     def end_step(self, num_train):
         return self.ramp_epochs * int(np.ceil(num_train / self.batch))
@@ -222,7 +223,7 @@ def _tfopt_qat(seed, stripped, recipe, data):
     from tfopt import tflite_export
 
     (x_train, y_train), (x_test, y_test) = data
-    qat = tfopt.quantize_model(stripped)
+    qat = tfopt.quantize_model(stripped, freeze_bn_delay=recipe.qat_freeze_bn_delay)
     _compile(qat, recipe.qat_lr)
     t0 = time.perf_counter()
     qat.fit(x_train, y_train, batch_size=recipe.batch, epochs=recipe.qat_epochs, shuffle=True, verbose=0)
@@ -453,11 +454,13 @@ def main(argv=None):
     parser.add_argument("--ft-lr", type=float, default=Recipe.ft_lr, help="fine-tuning learning rate")
     parser.add_argument("--qat-epochs", type=int, default=Recipe.qat_epochs, help="QAT epochs after pruning (0: none)")
     parser.add_argument("--out", default="pruning_recipe", help="results name (benchmarks/results/<out>.json)")
+    parser.add_argument("--qat-freeze-bn-delay", type=int, default=None,
+                        help="tfopt only: QAT steps before folded BatchNormalization stops using batch statistics")
     parser.add_argument("--independent-float", action="store_true",
                         help="each framework trains its own float model (default: TFMOT starts from tfopt's float weights)")
     args = parser.parse_args(argv)
 
-    recipe = Recipe(ft_lr=args.ft_lr, qat_epochs=args.qat_epochs)
+    recipe = Recipe(ft_lr=args.ft_lr, qat_epochs=args.qat_epochs, qat_freeze_bn_delay=args.qat_freeze_bn_delay)
     seeds = list(range(args.seeds))
     if args.quick:
         recipe = dataclasses.replace(recipe, float_epochs=1, prune_epochs=1, ramp_epochs=1, qat_epochs=min(1, recipe.qat_epochs))
