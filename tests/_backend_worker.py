@@ -42,15 +42,10 @@ def data(seed=0):
 
 
 def float_model(seed=0):
-    """Conv-BN-ReLU, Conv(relu), Flatten, Dense: 8x8x3 -> 4 logits, weights drawn by NumPy."""
-    inputs = keras.Input((8, 8, 3), name="image")
-    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False, name="conv_a")(inputs)
-    x = keras.layers.BatchNormalization(name="bn_a")(x)
-    x = keras.layers.ReLU(name="relu_a")(x)
-    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu", name="conv_b")(x)
-    x = keras.layers.Flatten(name="flatten")(x)
-    outputs = keras.layers.Dense(4, name="logits")(x)
-    model = keras.Model(inputs, outputs, name="backend_cnn")
+    """The test suite's `tiny_cnn` (Conv-BN-ReLU, Conv(relu), Flatten, Dense: 8x8x3 -> 4 logits), weights drawn by NumPy."""
+    from conftest import tiny_cnn  # tests/ is on sys.path: it is this script's directory
+
+    model = tiny_cnn(name="backend_cnn")
     rng = np.random.default_rng(seed)
     weights = []
     for w in model.weights:
