@@ -282,8 +282,6 @@ def _float32_twin(model):
             return {k: to_float32(v) for k, v in node.items()}
         if isinstance(node, list):
             return [to_float32(v) for v in node]
-        if node in ("mixed_float16", "mixed_bfloat16"):
-            return "float32"
         return node
 
     config = to_float32(keras.saving.serialize_keras_object(model))

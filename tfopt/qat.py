@@ -58,7 +58,7 @@ import numpy as np
 
 from tfopt import _model_utils as mu
 from tfopt import registry
-from tfopt.qat_layers import QuantizeAnnotate, QuantizeConfig, QuantizeLayer, QuantizeWrapper, relu_kind
+from tfopt.qat_layers import QuantizeAnnotate, QuantizeConfig, QuantizeLayer, QuantizeWrapper, _initial_clusters, relu_kind
 
 __all__ = [
     "quantize_model",
@@ -681,12 +681,10 @@ def _cluster_plan(records, from_wrappers, k, preserve_sparsity, model):
                 if path in chosen:
                     continue
                 values = np.asarray(keras.ops.convert_to_numpy(registry.weight_at(op, path)))
-                centroids, inverse = np.unique(values, return_inverse=True)
-                if centroids.size > k:
+                if np.unique(values).size > k:
                     continue
                 pin = preserve_sparsity is not False and bool(np.any(values == 0))
-                mask = np.where((centroids == 0) & pin, 0.0, 1.0)
-                chosen[path] = (centroids, mask, inverse.reshape(values.shape).astype(np.int32))
+                chosen[path] = _initial_clusters(values, k, pin)  # its own values: no k-means
         if chosen:
             plan[id(op)] = chosen
     if not isinstance(k, bool) and k is not None and not plan:

@@ -640,15 +640,12 @@ class QuantizeWrapper(keras.layers.Wrapper):
                     # the kernel is expanded first (see _conv1d_as_2d).
                     w = ops.expand_dims(w, 0)
                 folded_path = "pointwise_kernel" if _is_separable(layer) else "kernel"
-                fold = None
-                if folding and path == folded_path:
-                    fold = fold_scale
-                    max_abs = ops.max(ops.abs(w)) if clustered else None
-                    w = w * _out_scale(fold_scale, w, layer)
+                fold = fold_scale if folding and path == folded_path else None
+                max_abs = ops.max(ops.abs(w)) if clustered else None  # of the unfolded kernel
+                if fold is not None:
+                    w = w * _out_scale(fold, w, layer)
                 depthwise = _is_depthwise(layer) or path == "depthwise_kernel"
                 if clustered and axis is not None:
-                    if fold is None:
-                        max_abs = ops.max(ops.abs(w))
                     kernels[path] = _clustered_weight_fq(w, max_abs, fold, axis, depthwise)
                 else:
                     kernels[path] = _weight_fq(w, axis, depthwise)
