@@ -2,22 +2,32 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.tfopt-installed
+PIP    := $(BIN)/python -m pip install --quiet
 
 .PHONY: setup demo test test-backends test-fast bench clean
 
-$(STAMP): setup.cfg pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
-	touch $(STAMP)
+	$(PIP) --upgrade pip
 
-setup: $(STAMP)
+# The demo needs only its data; the tests need everything (TFMOT, keras-hub, the other backends).
+$(VENV)/.demo-installed: setup.cfg pyproject.toml | $(BIN)/python
+	$(PIP) -e ".[data]"
+	touch $@
 
-demo: $(STAMP)
+# A CPU-only torch from a local wheelhouse (--no-index: find-links only) saves a multi-GB CUDA download where
+# one is at hand; on a machine without one this step does nothing and the public index serves torch.
+$(VENV)/.test-installed: setup.cfg pyproject.toml | $(BIN)/python
+	-$(PIP) --no-index --no-deps torch 2>/dev/null
+	$(PIP) -e ".[test,bench]"
+	touch $@
+
+setup: $(VENV)/.test-installed
+
+demo: $(VENV)/.demo-installed
 	$(BIN)/tfopt demo
 
-test: $(STAMP)
+test: $(VENV)/.test-installed
 	TFOPT_QUICK=1 $(BIN)/python -m pytest -n 2 --durations=15 --nbmake tests notebooks
 	$(MAKE) test-backends
 
@@ -34,14 +44,14 @@ BACKEND_MARKS := -m "backend_independent and not slow and not tensorflow_only"
 JAX_KNOWN     := --deselect tests/test_pruning.py::test_single_layer_inside_a_subclassed_model \
                  --deselect tests/test_clustering.py::test_single_layer_and_subclassed_model
 TORCH_KNOWN   := --deselect tests/test_pruning.py::test_steps_per_execution
-test-backends: $(STAMP)
+test-backends: $(VENV)/.test-installed
 	KERAS_BACKEND=jax $(BIN)/python -m pytest -n 2 -q $(BACKEND_MARKS) $(JAX_KNOWN) $(BACKEND_TESTS)
 	KERAS_BACKEND=torch $(BIN)/python -m pytest -n 2 -q $(BACKEND_MARKS) $(TORCH_KNOWN) $(BACKEND_TESTS)
 
-test-fast: $(STAMP)
+test-fast: $(VENV)/.test-installed
 	$(BIN)/python -m pytest -n 2 -m "not slow"
 
-bench: $(STAMP)
+bench: $(VENV)/.test-installed
 	$(BIN)/python benchmarks/run_all.py
 
 clean:
