@@ -59,11 +59,13 @@ if prunable channels reach it; the error lists every such layer once. The
 user's model is only read.
 """
 
+import dataclasses
 import math
 
 import keras
 import numpy as np
 
+from tfopt import _graph
 from tfopt import _model_utils as mu
 
 __all__ = ["CRITERIA", "ChannelPruningReport", "channel_report", "prune_channels"]
@@ -170,7 +172,9 @@ def prune_channels(model, ratio, criterion="l2", filters=None, round_to=1, retur
     _check_not_wrapped(model)
     pick = mu.make_filter(filters)
     plan = _Plan(model, float(ratio), criterion, pick, round_to)
-    pruned = _rebuild(model, plan)
+    unique = mu.name_allocator()
+    name = model.name if model.name.endswith("_channel_pruned") else model.name + "_channel_pruned"
+    pruned = plan.graph.rebuild(_graph.copier(lambda rec: _new_op(rec, plan, unique)), name, unique=unique)
     if return_report:
         return pruned, _build_report(model, pruned, plan.kept())
     return pruned
@@ -313,7 +317,7 @@ def _check_not_wrapped(model):
     from tfopt.pruning import PruneLowMagnitude
     from tfopt.qat_layers import QuantizeAnnotate, QuantizeLayer, QuantizeWrapper
 
-    layers = list(model._flatten_layers(include_self=False))
+    layers = _graph.sublayers(model)
     wrapped = [layer for layer in layers if isinstance(layer, PruneLowMagnitude)]
     if wrapped:
         raise ValueError(
@@ -335,64 +339,23 @@ def _check_not_wrapped(model):
 # ----- graph walk -------------------------------------------------------------------
 
 
-class _Rec:
-    """One node of the flattened graph; `ins`/`outs` are canonical tensor ids."""
+@dataclasses.dataclass(eq=False)
+class _Rec(_graph.Node):
+    """One node of the flattened graph, with how channels flow through it."""
 
-    def __init__(self, op, node, ins, outs):
-        self.op = op
-        self.node = node
-        self.ins = ins
-        self.outs = outs
-        self.kind = None
-        self.reason = None
-
-
-def _graph(model):
-    return model._functional if isinstance(model, keras.Sequential) else model
-
-
-def _flatten(model):
-    """(records, input ids, output ids, {id: per-sample shape}) of `model`, nested models inlined."""
-    records, shapes, counter = [], {}, [0]
-    fn = _graph(model)
-    in_ids = list(range(-len(fn.inputs), 0))
-    for c, x in zip(in_ids, fn.inputs):
-        shapes[c] = tuple(x.shape)
-
-    def walk(fn, in_canon):
-        canon = {id(x): c for x, c in zip(fn.inputs, in_canon)}
-        for depth in sorted(fn._nodes_by_depth, reverse=True):
-            for node in fn._nodes_by_depth[depth]:
-                if node.is_input or not node.operation:
-                    continue
-                op = node.operation
-                ins = [canon[id(t)] for t in node.input_tensors]
-                if isinstance(op, keras.Model) and mu.is_graph_model(op):
-                    for t, c in zip(node.outputs, walk(_graph(op), ins)):
-                        canon[id(t)] = c
-                    continue
-                outs = []
-                for t in node.outputs:
-                    counter[0] += 1
-                    canon[id(t)] = counter[0]
-                    shapes[counter[0]] = tuple(t.shape)
-                    outs.append(counter[0])
-                records.append(_Rec(op, node, ins, outs))
-        return [canon[id(t)] for t in fn.outputs]
-
-    out_ids = walk(fn, in_ids)
-    return records, in_ids, out_ids, shapes
+    kind: str = None
+    reason: str = None
 
 
 def _channels_last(layer):
     return getattr(layer, "data_format", "channels_last") == "channels_last"
 
 
-def _classify(rec, shapes):
+def _classify(rec, shape):
     """Sets rec.kind (how channels flow through the node) and, for a barrier, rec.reason."""
     op = rec.op
     t = type(op)
-    in_rank = len(shapes[rec.ins[0]]) if rec.ins else 0
+    in_rank = len(shape(rec.ins[0])) if rec.ins else 0
 
     def barrier(reason):
         rec.kind, rec.reason = "barrier", reason
@@ -403,7 +366,7 @@ def _classify(rec, shapes):
         name = t.__name__
         if not t.__module__.startswith("keras.src.ops"):
             return barrier("is a custom operation")
-        if not _scalar_arguments(rec.node):
+        if not _scalar_arguments(rec):
             return barrier("is called with non-scalar constant arguments")
         if name in _UNARY_OPS and len(rec.ins) == 1:
             rec.kind = "pass"
@@ -412,21 +375,17 @@ def _classify(rec, shapes):
         else:
             barrier(f"is the operation `{name}`, which may mix or select channels")
         return
+    if not _channels_last(op) and (t in (*_CONV, *_SEPARABLE, *_DEPTHWISE, *_SPATIAL) or (t is L.Flatten and in_rank > 2)):
+        return barrier("uses data_format='channels_first' (only channels_last is sliced)")
     if t in _CONV:
-        if not _channels_last(op):
-            return barrier("uses data_format='channels_first' (only channels_last is sliced)")
         if op.groups != 1:
             return barrier(f"is a grouped convolution (groups={op.groups})")
         rec.kind = "conv"
     elif t is L.Dense:
         rec.kind = "dense"
     elif t in _SEPARABLE:
-        if not _channels_last(op):
-            return barrier("uses data_format='channels_first' (only channels_last is sliced)")
         rec.kind = "separable"
     elif t in _DEPTHWISE:
-        if not _channels_last(op):
-            return barrier("uses data_format='channels_first' (only channels_last is sliced)")
         rec.kind = "depthwise"
     elif t is L.BatchNormalization:
         axis = op.axis if isinstance(op.axis, int) else (op.axis[0] if len(op.axis) == 1 else None)
@@ -446,17 +405,13 @@ def _classify(rec, shapes):
             return barrier("has a per-channel scale or offset")
         rec.kind = "pass"
     elif t in _SPATIAL:
-        if not _channels_last(op):
-            return barrier("uses data_format='channels_first' (only channels_last is sliced)")
         rec.kind = "pass"
     elif t in _MERGE:
         rec.kind = "merge"
     elif t is L.Concatenate:
-        out_rank = len(shapes[rec.outs[0]])
+        out_rank = len(shape(rec.outs[0]))
         rec.kind = "concat" if op.axis % out_rank == out_rank - 1 else "merge"
     elif t is L.Flatten:
-        if not _channels_last(op) and in_rank > 2:
-            return barrier("uses data_format='channels_first' (only channels_last is sliced)")
         rec.kind = "reshape"
     elif t is L.Reshape:
         rec.kind = "reshape"
@@ -476,8 +431,8 @@ def _classify(rec, shapes):
             barrier(f"has weights tfopt cannot slice ({unknown}; e.g. LoRA or quantized kernels)")
 
 
-def _scalar_arguments(node):
-    leaves = keras.tree.flatten((node.arguments.args, node.arguments.kwargs))
+def _scalar_arguments(rec):
+    leaves = keras.tree.flatten(rec.arguments)
     return all(
         isinstance(x, keras.KerasTensor) or x is None or isinstance(x, (bool, int, float, str, np.number))
         for x in leaves
@@ -546,11 +501,11 @@ class _Plan:
 
     def __init__(self, model, ratio, criterion, pick, round_to):
         self.model = model
-        self.records, self.in_ids, self.out_ids, self.shapes = _flatten(model)
+        graph = self.graph = _graph.Graph(model, _Rec)
         uf = self.uf = _UnionFind()
         atoms = self.atoms = {}
-        for c in self.in_ids:
-            n = _channel_dim(self.shapes[c])
+        for c in graph.inputs:
+            n = _channel_dim(graph.shape(c))
             atoms[c] = None if n is None else uf.new(n)
             uf.pin(atoms[c])
 
@@ -559,14 +514,14 @@ class _Plan:
         self.members = []  # (kind, layer, atoms, scores by criterion)
         self.selected_producers = []
         checks = []  # (rec, [input atoms]) that must hold no prunable channel
-        for rec in self.records:
-            _classify(rec, self.shapes)
+        for rec in graph.nodes:
+            _classify(rec, graph.shape)
             selected = pick is None or bool(pick(rec.op))
             ins = [atoms[c] for c in rec.ins]
             outs = self._route(rec, ins, selected, checks)
             for c, a in zip(rec.outs, outs):
                 atoms[c] = a
-        for c in self.out_ids:
+        for c in graph.outputs:
             uf.pin(atoms[c])
 
         roots = self.roots = uf.roots()
@@ -595,13 +550,13 @@ class _Plan:
 
     def _route(self, rec, ins, selected, checks):
         """Output atoms of one node; records members, ties and checks on the way."""
-        uf, kind, op, shapes = self.uf, rec.kind, rec.op, self.shapes
+        uf, kind, op, shape = self.uf, rec.kind, rec.op, self.graph.shape
         x = ins[0] if ins else None
         if kind in ("conv", "dense", "separable", "depthwise", "bn", "prelu"):
             self._tie_shared_input(op, x)
         if kind in ("conv", "dense", "separable"):
             if id(op) not in self.layer_out:
-                out = uf.new(shapes[rec.outs[0]][-1])
+                out = uf.new(shape(rec.outs[0])[-1])
                 self.layer_out[id(op)] = out
                 if selected:
                     self.selected_producers.append(op)
@@ -620,7 +575,7 @@ class _Plan:
         if kind == "pass":
             return [x]
         if kind == "merge":
-            width = _channel_dim(shapes[rec.outs[0]])
+            width = _channel_dim(shape(rec.outs[0]))
             tensors = [a for a in ins if a is not None]
             if width is None or len(tensors) != len(ins):
                 checks.append((rec, tensors))
@@ -640,7 +595,7 @@ class _Plan:
         if kind == "reshape":
             if x is None:
                 return [self._fresh(rec.outs[0])]
-            out = _reshape_atoms(x, shapes[rec.ins[0]], shapes[rec.outs[0]])
+            out = _reshape_atoms(x, shape(rec.ins[0]), shape(rec.outs[0]))
             if isinstance(out, str):
                 rec.reason = (
                     "reshapes a tensor of unknown size" if out == "unknown" else "moves channels into another axis"
@@ -662,7 +617,7 @@ class _Plan:
         return [self._fresh(c) for c in rec.outs]
 
     def _fresh(self, c):
-        n = _channel_dim(self.shapes[c])
+        n = _channel_dim(self.graph.shape(c))
         if n is None:
             return None
         atoms = self.uf.new(n)
@@ -742,7 +697,7 @@ class _Plan:
     def kept(self):
         """{layer name: kept output-channel indices} for every sliced layer."""
         out = {}
-        for rec in self.records:
+        for rec in self.graph.nodes:
             if rec.kind in ("conv", "dense", "separable", "depthwise", "bn", "prelu"):
                 a = self.atoms[rec.outs[0]]
                 if a is not None and rec.op.name not in out:
@@ -807,44 +762,13 @@ def _barrier_message(errors, model):
 # ----- rebuild ----------------------------------------------------------------------
 
 
-def _rebuild(model, plan):
-    fn = _graph(model)
-    unique = mu.name_allocator()
-
-    new_inputs = [
-        keras.Input(batch_shape=x.shape, dtype=x.dtype, name=unique(x._keras_history.operation.name)) for x in fn.inputs
-    ]
-    tensors = dict(zip(plan.in_ids, new_inputs))
-    new_ops = {}  # id(original op) -> (new op, weights to set after its first call or None)
-    for rec in plan.records:
-        local = {id(t): tensors[c] for t, c in zip(rec.node.input_tensors, rec.ins)}
-        args, kwargs = rec.node.arguments.fill_in(local)
-        if id(rec.op) not in new_ops:
-            new_ops[id(rec.op)] = _new_op(rec, plan, unique)
-        new_op, weights = new_ops[id(rec.op)]
-        outputs = new_op(*args, **kwargs)
-        if weights is not None:
-            new_op.set_weights(weights)
-            new_ops[id(rec.op)] = (new_op, None)
-        for c, t in zip(rec.outs, keras.tree.flatten(outputs)):
-            tensors[c] = t
-    inputs = keras.tree.pack_sequence_as(fn._inputs_struct, new_inputs)
-    outputs = keras.tree.pack_sequence_as(fn._outputs_struct, [tensors[c] for c in plan.out_ids])
-    suffix = "_channel_pruned"
-    return keras.Model(inputs, outputs, name=model.name if model.name.endswith(suffix) else model.name + suffix)
-
-
 def _new_op(rec, plan, unique):
-    """(a new op for `rec`, the weights to give it once built, or None)."""
+    """(a new op for `rec`, None or a function giving it its weights once built)."""
     op, kind = rec.op, rec.kind
-    if not isinstance(op, keras.layers.Layer):
-        return type(op).from_config(op.get_config()), None
+    if not isinstance(op, keras.layers.Layer) or (kind == "barrier" and op.weights):
+        return _graph.copy_op(op, unique), None
     config = op.get_config()
     config["name"] = unique(op.name)
-    if kind == "barrier" and op.weights:
-        new = mu.copy_layer(op)
-        new.name = config["name"]
-        return new, None
     if type(op) is L.Lambda:
         # from_config would refuse a Python lambda in safe mode; the function object is the user's own.
         new = L.Lambda(
@@ -863,9 +787,9 @@ def _new_op(rec, plan, unique):
     elif kind in ("bn", "prelu"):
         weights = [_slice_last(_np(w), in_mask) for w in op.weights]
     elif kind == "reshape" and isinstance(op, L.Reshape):
-        out_shape = plan.shapes[rec.outs[0]]
+        out_shape = plan.graph.shape(rec.outs[0])
         config["target_shape"] = (*out_shape[1:-1], int(plan.mask(plan.atoms[rec.outs[0]]).sum()))
-    return type(op).from_config(config), weights
+    return type(op).from_config(config), None if weights is None else (lambda new: new.set_weights(weights))
 
 
 def _slice_last(array, mask):
@@ -946,14 +870,14 @@ def _macs(layer, in_shape, out_shape):
 
 def _layer_stats(model):
     """{name: row fragment} for every layer with weights, in graph order."""
-    records, _, _, shapes = _flatten(model)
+    graph = _graph.Graph(model)
     stats = {}
-    for rec in records:
+    for rec in graph.nodes:
         op = rec.op
         if not isinstance(op, keras.layers.Layer) or not op.weights:
             continue
-        in_shape = shapes[rec.ins[0]] if rec.ins else ()
-        out_shape = shapes[rec.outs[0]]
+        in_shape = graph.shape(rec.ins[0]) if rec.ins else ()
+        out_shape = graph.shape(rec.outs[0])
         macs = _macs(op, in_shape, out_shape) if in_shape else None
         row = stats.get(op.name)
         if row is None:

@@ -32,6 +32,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from tfopt import _graph
 from tfopt import _model_utils as mu
 
 __all__ = ["low_rank_factorize", "LowRankReport", "choose_rank"]
@@ -198,43 +199,7 @@ class LowRankReport:
 
 
 def _tfopt_layers(model):
-    return [l for l in model._flatten_layers(include_self=False, recursive=True) if type(l).__module__.startswith("tfopt.")]
-
-
-def _rebuild(model, plan):
-    """A copy of `model` where each planned layer is replaced by its two factor layers."""
-    if isinstance(model, keras.Sequential):
-        layers = []
-        for layer in model.layers:
-            if id(layer) in plan:
-                layers.extend(plan[id(layer)])
-            elif isinstance(layer, keras.Model):
-                layers.append(_rebuild(layer, plan))
-            else:
-                layers.append(mu.copy_layer(layer))
-        source = model.inputs[0]
-        first = model._layers[0] if isinstance(model._layers[0], L.InputLayer) else None
-        inputs = keras.Input(batch_shape=source.shape, dtype=source.dtype, name=first.name if first else None)
-        return keras.Sequential([inputs, *layers], name=model.name, trainable=model.trainable)
-
-    second = {}
-
-    def clone_function(layer):
-        if id(layer) in plan:
-            u, v = plan[id(layer)]
-            second[id(u)] = v
-            return u
-        if isinstance(layer, keras.Model):
-            return _rebuild(layer, plan)
-        if not isinstance(layer, L.Layer):
-            return layer  # an op node such as `x * 2.0`: stateless, shared as it is
-        return mu.copy_layer(layer)
-
-    def call_function(layer, *args, **kwargs):
-        out = layer(*args, **kwargs)
-        return second[id(layer)](out) if id(layer) in second else out
-
-    return keras.models.clone_model(model, clone_function=clone_function, call_function=call_function)
+    return [l for l in _graph.sublayers(model) if type(l).__module__.startswith("tfopt.")]
 
 
 def low_rank_factorize(model, rank=None, energy=0.9, filters=None):
@@ -344,5 +309,5 @@ def low_rank_factorize(model, rank=None, energy=0.9, filters=None):
         plan[id(layer)] = _factor_layers(layer, r, u[:, :r] * root, root[:, None] * vt[:r])
         row.update(params_after=r * (m + n) + bias, factorized=True)
 
-    new = _rebuild(model, plan) if plan else mu.clone(model, mu.copy_layer)
+    new = _graph.map_layers(model, lambda l: plan.get(id(l)) or mu.copy_layer(l)) if plan else mu.clone(model, mu.copy_layer)
     return new, LowRankReport(rows, model.count_params(), new.count_params())

@@ -53,9 +53,12 @@ freely.
 Validation happens before anything is built: the user's model is only read.
 """
 
+import dataclasses
+
 import keras
 import numpy as np
 
+from tfopt import _graph
 from tfopt import _model_utils as mu
 from tfopt import registry
 from tfopt.qat_layers import QuantizeAnnotate, QuantizeConfig, QuantizeLayer, QuantizeWrapper, _initial_clusters, relu_kind
@@ -97,7 +100,7 @@ def is_quantized_model(model):
     """
     if not isinstance(model, keras.Model):
         return False
-    return any(isinstance(layer, _OWN_LAYERS) for layer in model._flatten_layers(include_self=False))
+    return any(isinstance(layer, _OWN_LAYERS) for layer in _graph.sublayers(model))
 
 
 def quantize_annotate_layer(layer, quantize_config=None):
@@ -172,7 +175,7 @@ def quantize_apply(model, scheme="8bit", ema_decay=0.99, freeze_bn_delay=None, p
         ValueError: no layer is annotated, or as `tfopt.quantize_model`.
     """
     mu.check_model(model, "model", "quantize_apply")
-    if not any(isinstance(layer, QuantizeAnnotate) for layer in _all_layers_deep(model)):
+    if not any(isinstance(layer, QuantizeAnnotate) for layer in _graph.sublayers(model)):
         raise ValueError(
             "`quantize_apply` found no annotated layer: wrap the layers to quantize with "
             "`tfopt.quantize_annotate_layer(layer)` (or the whole model with `tfopt.quantize_annotate_model`), "
@@ -244,12 +247,8 @@ def quantize_model(
 # ----- validation -------------------------------------------------------------------
 
 
-def _all_layers_deep(model):
-    return [layer for layer in model._flatten_layers(include_self=False)]
-
-
 def _check_not_quantized(model, fn_name):
-    quantized = [layer for layer in _all_layers_deep(model) if isinstance(layer, _OWN_LAYERS)]
+    quantized = [layer for layer in _graph.sublayers(model) if isinstance(layer, _OWN_LAYERS)]
     if quantized:
         raise ValueError(
             f"`{fn_name}` got a model that is already quantized (it has {mu.describe(quantized[0])}). "
@@ -293,51 +292,18 @@ def _check_config_weights(layer, quantize_config):
     return None
 
 
-# ----- graph walk -------------------------------------------------------------------
+# ----- plan -------------------------------------------------------------------------
 
 
-class _Rec:
-    """One node of the flattened graph."""
+@dataclasses.dataclass(eq=False)
+class _Rec(_graph.Node):
+    """One node of the flattened graph, with its QAT plan."""
 
-    def __init__(self, op, node, ins, outs):
-        self.op = op
-        self.node = node
-        self.ins = ins  # canonical ids of node.input_tensors
-        self.outs = outs  # canonical ids of node.outputs
-        self.kind = None  # "kernel", "compute", "same", "float", "folded", "fused_away"
-        self.config = None  # a QuantizeConfig from an annotation
-        self.bn = None  # the folded BatchNormalization layer
-        self.quantize_output = True
-        self.selected = False
-
-
-def _graph(model):
-    return model._functional if isinstance(model, keras.Sequential) else model
-
-
-def _flatten(model, in_canon, records, counter):
-    fn = _graph(model)
-    canon = {}
-    for x, c in zip(fn.inputs, in_canon):
-        canon[id(x)] = c
-    for depth in sorted(fn._nodes_by_depth, reverse=True):
-        for node in fn._nodes_by_depth[depth]:
-            if node.is_input or not node.operation:
-                continue
-            op = node.operation
-            ins = [canon[id(t)] for t in node.input_tensors]
-            if isinstance(op, keras.Model) and mu.is_graph_model(op):
-                outs = _flatten(op, ins, records, counter)
-                for t, c in zip(node.outputs, outs):
-                    canon[id(t)] = c
-                continue
-            outs = []
-            for t in node.outputs:
-                counter[0] += 1
-                canon[id(t)] = counter[0]
-                outs.append(counter[0])
-            records.append(_Rec(op, node, ins, outs))
-    return [canon[id(t)] for t in fn.outputs]
+    kind: str = None  # "kernel", "compute", "same", "float", "bn", "folded"
+    config: object = None  # a QuantizeConfig from an annotation
+    bn: object = None  # the folded BatchNormalization layer
+    quantize_output: bool = True
+    selected: bool = False
 
 
 def _unwrap(op):
@@ -347,28 +313,10 @@ def _unwrap(op):
 
 
 def _plan(model, filters, annotated_only):
-    counter = [0]
-    records = []
-    n_in = len(_graph(model).inputs)
-    in_canon = list(range(-n_in, 0))
-    out_canon = _flatten(model, in_canon, records, counter)
+    """The flattened graph of `model`, each node planned (kind, fusion, folded BN); validates."""
+    graph = _graph.Graph(model, _Rec)
+    records, producer, only_consumer = graph.nodes, graph.producer, graph.only_consumer
     pick = mu.make_filter(filters)
-
-    producer = {}
-    consumers = {}
-    for rec in records:
-        for c in rec.outs:
-            producer[c] = rec
-        for c in rec.ins:
-            consumers.setdefault(c, []).append(rec)
-    model_outputs = set(out_canon)
-
-    def only_consumer(rec, target):
-        return (
-            len(rec.outs) == 1
-            and rec.outs[0] not in model_outputs
-            and [id(r) for r in consumers.get(rec.outs[0], [])] == [id(target)]
-        )
 
     unsupported, errors = [], []
     for rec in records:
@@ -405,10 +353,10 @@ def _plan(model, filters, annotated_only):
         if rec.kind != "bn":
             continue
         bn = _unwrap(rec.op)[0]
-        src = producer.get(rec.ins[0]) if len(rec.ins) == 1 else None
+        src = producer(rec.ins[0]) if len(rec.ins) == 1 else None
         src_layer = _unwrap(src.op)[0] if src is not None else None
         axis = bn.axis if isinstance(bn.axis, int) else (bn.axis[0] if len(bn.axis) == 1 else None)
-        rank = len(rec.node.input_tensors[0].shape)
+        rank = len(graph.shape(rec.ins[0]))
         if (
             src is not None
             and src.kind == "kernel"
@@ -433,7 +381,7 @@ def _plan(model, filters, annotated_only):
         if rec.kind is not None:
             continue
         name = type(rec.op).__name__
-        srcs = [producer.get(c) for c in rec.ins]
+        srcs = [producer(c) for c in rec.ins]
         inside = all(s is None and not annotated_only or (s is not None and s.selected) for s in srcs)
         rec.selected = inside and (pick is None or annotated_only)
         if not rec.selected:
@@ -449,20 +397,20 @@ def _plan(model, filters, annotated_only):
         if not rec.selected:
             continue
         if relu_kind(op) and len(rec.ins) == 1:
-            src = producer.get(rec.ins[0])
+            src = producer(rec.ins[0])
             if src is not None and src.kind == "folded":
-                src = producer.get(src.ins[0])
-                fused_ok = src is not None and only_consumer(producer[rec.ins[0]], rec)
+                src = producer(src.ins[0])
+                fused_ok = src is not None and only_consumer(producer(rec.ins[0]), rec)
             else:
                 fused_ok = src is not None and only_consumer(src, rec)
             if fused_ok and src.selected and _fuses_relu(src):
                 src.quantize_output = False
         if isinstance(op, L.Concatenate) or type(op).__name__ in _CONCAT_OPS:
             for c in rec.ins:
-                src = producer.get(c)
+                src = producer(c)
                 if src is not None and src.selected and src.kind in ("kernel", "compute") and only_consumer(src, rec):
                     src.quantize_output = False
-    return records, in_canon, out_canon, producer
+    return graph
 
 
 def qat_activation(layer):
@@ -514,14 +462,14 @@ def _quantize(model, fn_name, scheme, filters, annotated_only, ema_decay, freeze
     from tfopt.clustering import ClusterWeights
     from tfopt.pruning import PruneLowMagnitude, strip_pruning
 
-    has_clusters = any(isinstance(layer, ClusterWeights) for layer in _all_layers_deep(model))
+    has_clusters = any(isinstance(layer, ClusterWeights) for layer in _graph.sublayers(model))
     if preserve_clusters is True and not has_clusters:
         raise ValueError(
             f"`preserve_clusters=True` needs a model with tfopt.ClusterWeights layers, and model {model.name!r} has "
             "none. For a stripped clustered model pass the number of clusters, e.g. `preserve_clusters=16` (every "
             "quantized kernel with at most that many distinct values keeps them). Received: preserve_clusters=True"
         )
-    if any(isinstance(layer, PruneLowMagnitude) for layer in _all_layers_deep(model)):
+    if any(isinstance(layer, PruneLowMagnitude) for layer in _graph.sublayers(model)):
         model = strip_pruning(model)
     cluster_plan = {}  # id(stripped layer) -> {weight path: (centroids, centroid_mask, indices)}
     if has_clusters:
@@ -529,103 +477,71 @@ def _quantize(model, fn_name, scheme, filters, annotated_only, ema_decay, freeze
         if preserve_clusters is False:
             cluster_plan = {}
 
-    records, in_canon, out_canon, producer = _plan(model, filters, annotated_only)
+    graph = _plan(model, filters, annotated_only)
     if preserve_clusters is not False and (cluster_plan or preserve_clusters is not None):
-        cluster_plan = _cluster_plan(records, cluster_plan, preserve_clusters, preserve_sparsity, model)
-    fn = _graph(model)
+        cluster_plan = _cluster_plan(graph.nodes, cluster_plan, preserve_clusters, preserve_sparsity, model)
 
     unique = mu.name_allocator()
-
-    new_inputs = [
-        keras.Input(batch_shape=x.shape, dtype=x.dtype, name=unique(x.name)) for x in fn.inputs
-    ]
-    tensors = dict(zip(in_canon, new_inputs))
-    input_names = {c: x._keras_history.operation.name for c, x in zip(in_canon, new_inputs)}
     quantized = set()  # canonical ids whose new tensor is fake-quantized (or will be, by fusion)
     q_inputs = {}  # canonical id -> fake-quantized version of a float tensor
-    new_layers = {}  # id(original layer) -> new layer (shared layers stay shared)
 
-    def quantized_input(c, name):
-        if c in quantized:
-            return tensors[c]
+    def feed(rec, c, tensor):
+        if not rec.selected or rec.kind == "folded" or c in quantized:
+            return tensor
         if c not in q_inputs:
-            q_inputs[c] = QuantizeLayer(ema_decay=ema_decay, name=unique(f"{name}_quantize"))(tensors[c])
+            q_inputs[c] = QuantizeLayer(ema_decay=ema_decay, name=unique(f"{graph.name(c)}_quantize"))(tensor)
         return q_inputs[c]
 
-    for rec in records:
-        op, _, _ = _unwrap(rec.op)
-        if rec.kind == "folded":
-            tensors[rec.outs[0]] = tensors[rec.ins[0]]
+    def make(rec):
+        op = _unwrap(rec.op)[0]
+        if rec.kind not in ("kernel", "compute") or not isinstance(op, keras.layers.Layer):
+            return _graph.copy_op(op, unique), None
+        sparse = _has_zeros(op, rec) if preserve_sparsity is None else preserve_sparsity
+        clusters = cluster_plan.get(id(op), {}) if rec.kind == "kernel" and rec.config is None else {}
+        cluster_kwargs = {} if not clusters else dict(
+            clustered_weights=tuple(clusters), number_of_clusters=max(len(c) for c, _, _ in clusters.values())
+        )
+        wrapper = QuantizeWrapper(
+            mu.copy_layer(op),
+            quantize_config=_copy_config(rec.config),
+            batch_norm=mu.copy_layer(rec.bn) if rec.bn is not None else None,
+            quantize_output=rec.quantize_output,
+            preserve_sparsity=bool(sparse) and rec.kind == "kernel" or (bool(sparse) and rec.config is not None),
+            ema_decay=ema_decay,
+            freeze_bn_delay=freeze_bn_delay,
+            num_outputs=len(rec.outs),
+            name=unique(f"quant_{op.name}"),
+            **cluster_kwargs,
+        )
+
+        def init(built):  # masks and clusters go into variables the first call creates
+            if built.preserve_sparsity:
+                built.set_masks_from_weights()
+            for path, (c, m, idx) in clusters.items():
+                built.set_clusters(path, c, m, idx)
+
+        return wrapper, init
+
+    call = _graph.copier(make)
+
+    def emit(rec, args, kwargs):
+        if rec.kind == "folded":  # the BN is inside the kernel layer's wrapper: pass its input through
             if rec.ins[0] in quantized:
                 quantized.add(rec.outs[0])
-            continue
-        local = {}
-        for t, c in zip(rec.node.input_tensors, rec.ins):
-            if rec.selected:
-                src = producer.get(c)
-                local[id(t)] = quantized_input(c, src.op.name if src is not None else input_names[c])
-            else:
-                local[id(t)] = tensors[c]
-        args, kwargs = rec.node.arguments.fill_in(local)
-
-        if id(rec.op) in new_layers:
-            new_op, wrapper = new_layers[id(rec.op)]
-        else:
-            wrapper = None
-            if rec.kind in ("kernel", "compute") and isinstance(op, keras.layers.Layer):
-                inner = mu.copy_layer(op)
-                bn = mu.copy_layer(rec.bn) if rec.bn is not None else None
-                sparse = _has_zeros(op, rec) if preserve_sparsity is None else preserve_sparsity
-                clusters = cluster_plan.get(id(op), {}) if rec.kind == "kernel" and rec.config is None else {}
-                if clusters:
-                    cluster_kwargs = dict(
-                        clustered_weights=tuple(clusters),
-                        number_of_clusters=max(len(c) for c, _, _ in clusters.values()),
-                    )
-                else:
-                    cluster_kwargs = {}
-                wrapper = QuantizeWrapper(
-                    inner,
-                    quantize_config=_copy_config(rec.config),
-                    batch_norm=bn,
-                    quantize_output=rec.quantize_output,
-                    preserve_sparsity=bool(sparse) and rec.kind == "kernel" or (bool(sparse) and rec.config is not None),
-                    ema_decay=ema_decay,
-                    freeze_bn_delay=freeze_bn_delay,
-                    num_outputs=len(rec.outs),
-                    name=unique(f"quant_{op.name}"),
-                    **cluster_kwargs,
-                )
-                new_op = wrapper
-            elif isinstance(op, keras.layers.Layer):
-                new_op = mu.copy_layer(op)
-                new_op.name = unique(op.name)
-            else:
-                new_op = type(op).from_config(op.get_config())
-            new_layers[id(rec.op)] = (new_op, wrapper)
-
-        outputs = new_op(*args, **kwargs)
-        if wrapper is not None and wrapper.preserve_sparsity and not getattr(wrapper, "_masks_set", False):
-            wrapper.set_masks_from_weights()
-            wrapper._masks_set = True
-        if wrapper is not None and wrapper.clustered_weights and not getattr(wrapper, "_clusters_set", False):
-            for path, (c, m, idx) in cluster_plan[id(op)].items():
-                wrapper.set_clusters(path, c, m, idx)
-            wrapper._clusters_set = True
-        flat = keras.tree.flatten(outputs)
+            return keras.tree.flatten((args, kwargs))[0]
+        op = _unwrap(rec.op)[0]
+        flat = keras.tree.flatten(call(rec, args, kwargs))
         if rec.kind == "compute" and not isinstance(op, keras.layers.Layer) and rec.quantize_output:
             flat = [QuantizeLayer(ema_decay=ema_decay, name=unique(f"{op.name}_quantize"))(t) for t in flat]
-        for c, t in zip(rec.outs, flat):
-            tensors[c] = t
-            if rec.selected and (
-                rec.kind in ("kernel", "compute")
-                or (rec.kind == "same" and all(i in quantized or i in q_inputs for i in rec.ins))
-            ):
-                quantized.add(c)
+        if rec.selected and (
+            rec.kind in ("kernel", "compute")
+            or (rec.kind == "same" and all(i in quantized or i in q_inputs for i in rec.ins))
+        ):
+            quantized.update(rec.outs)
+        return flat
 
-    inputs = keras.tree.pack_sequence_as(fn._inputs_struct, new_inputs)
-    outputs = keras.tree.pack_sequence_as(fn._outputs_struct, [tensors[c] for c in out_canon])
-    return keras.Model(inputs, outputs, name=f"{model.name}_qat" if not model.name.endswith("_qat") else model.name)
+    name = f"{model.name}_qat" if not model.name.endswith("_qat") else model.name
+    return graph.rebuild(emit, name, feed=feed, unique=unique)
 
 
 def _check_preserve_clusters(preserve_clusters):
