@@ -241,7 +241,7 @@ CASES = [
     Case("poly-frequency-0", lambda w: tfopt.PolynomialDecay(0.0, 0.8, 0, 100, frequency=0), ValueError, ["frequency", "0"]),
     # --- prune_low_magnitude / PruneLowMagnitude / strip_pruning / sparsity_report -------------
     Case("prune-not-a-model", lambda w: tfopt.prune_low_magnitude("model.keras"), TypeError, ["to_prune", "'model.keras'"]),
-    Case("prune-subclassed", lambda w: tfopt.prune_low_magnitude(w.sub), ValueError, ["subclassed", "_Subclassed", "Functional API"]),
+    Case("prune-subclassed-unbuilt", lambda w: tfopt.prune_low_magnitude(_Subclassed(name="fresh")), ValueError, ["built", "model.build", "_Subclassed", "'fresh'"]),
     Case("prune-unbuilt", lambda w: tfopt.prune_low_magnitude(w.unbuilt), ValueError, ["to_prune", "'unbuilt'", "keras.Input"]),
     Case("prune-already-pruned", lambda w: tfopt.prune_low_magnitude(w.pruned), ValueError, ["already wrapped", "strip_pruning", "'to_prune'"]),
     Case("prune-wrapper-layer", lambda w: tfopt.prune_low_magnitude(w.prune_layer), ValueError, ["already wrapped", "to_prune"]),
@@ -296,7 +296,7 @@ CASES = [
     Case("cluster-init-unknown", lambda w: tfopt.cluster_weights(w.cnn, 4, cluster_centroids_init="kmeans"), ValueError, ["cluster_centroids_init", "'kmeans'", "kmeans++"]),
     Case("cluster-preserve-sparsity-str", lambda w: tfopt.cluster_weights(w.cnn, 4, preserve_sparsity="yes"), TypeError, ["preserve_sparsity", "'yes'"]),
     Case("cluster-not-a-model", lambda w: tfopt.cluster_weights(None, 4), TypeError, ["model_or_layer", "None"]),
-    Case("cluster-subclassed", lambda w: tfopt.cluster_weights(w.sub, 4), ValueError, ["subclassed", "_Subclassed"]),
+    Case("cluster-subclassed-unbuilt", lambda w: tfopt.cluster_weights(_Subclassed(name="fresh"), 4), ValueError, ["built", "model.build", "_Subclassed", "'fresh'"]),
     Case("cluster-unbuilt", lambda w: tfopt.cluster_weights(w.unbuilt, 4), ValueError, ["'unbuilt'", "not built"]),
     Case("cluster-already-clustered", lambda w: tfopt.cluster_weights(w.clustered, 4), ValueError, ["already wrapped for clustering", "strip_clustering"]),
     Case("cluster-layer-twice", lambda w: tfopt.cluster_weights(w.cluster_layer, 4), ValueError, ["already wrapped for clustering", "model_or_layer"]),

@@ -364,21 +364,19 @@ def cluster_tensor(weights, number_of_clusters, cluster_centroids_init="kmeans++
 # -- the wrapper -------------------------------------------------------------------------
 
 
-def _clusterable(layer):
-    """[(name, variable)] of the weights to cluster, or None if tfopt does not know the layer type."""
-    spec = registry.lookup(layer)
-    if spec is not None:
-        return [(path.replace(".", "_"), registry.weight_at(layer, path)) for path in spec.prunable]
-    if hasattr(layer, "get_clusterable_weights"):  # TFMOT's ClusterableLayer protocol
-        return [(str(name).replace("/", "_"), var) for name, var in layer.get_clusterable_weights()]
-    return None
+_PROTOCOL = "get_clusterable_weights"  # TFMOT's ClusterableLayer protocol
+
+
+def _clusterable(layer, positions=None):
+    """[(name, variable)] of the weights to cluster (sub-layers included); names come from their paths."""
+    return [(w.path.replace("/", "_"), w.variable) for w in registry.selected(layer, positions, _PROTOCOL)]
 
 
 def _is_clusterable_type(layer):
     spec = registry.lookup(layer)
     if spec is not None:
-        return bool(spec.prunable)
-    return hasattr(layer, "get_clusterable_weights")
+        return bool(spec.prunable) or spec.sublayers
+    return registry.knowable(layer, _PROTOCOL)
 
 
 def _refuse_layer(layer, arg_name):
@@ -388,7 +386,7 @@ def _refuse_layer(layer, arg_name):
             f"Layer {mu.describe(layer)} has no weights tfopt clusters (normalization layers stay float). Wrap the "
             f"Dense / Conv / Embedding layers around it instead. Received: {arg_name}={layer.name!r}"
         )
-    return ValueError(_unsupported_message([layer]) + f" Received: {arg_name}={layer.name!r}")
+    return ValueError(mu.unplaced_message([(layer, [])], "cluster", _PROTOCOL) + f" Received: {arg_name}={layer.name!r}")
 
 
 def _check_finite(layers, received):
@@ -465,6 +463,9 @@ class ClusterWeights(keras.layers.Wrapper):
         cluster_centroids_init: "kmeans++" (default), "density-based",
             "linear" or "random" (`tfopt.clustering.CentroidInitialization`).
         preserve_sparsity: if True, exact zeros stay exactly zero.
+        weight_positions: which weights below `layer` to cluster, by their
+            positions in `tfopt.registry.walk(layer)` order; None clusters the
+            default ones.
         **kwargs: base layer arguments (name, ...).
 
     Raises:
@@ -475,7 +476,10 @@ class ClusterWeights(keras.layers.Wrapper):
         >>> layer = tfopt.clustering.ClusterWeights(keras.layers.Dense(10), 16)
     """
 
-    def __init__(self, layer, number_of_clusters, cluster_centroids_init="kmeans++", preserve_sparsity=True, **kwargs):
+    def __init__(
+        self, layer, number_of_clusters, cluster_centroids_init="kmeans++", preserve_sparsity=True, weight_positions=None,
+        **kwargs,
+    ):
         if not isinstance(layer, keras.layers.Layer):
             raise TypeError(f"`layer` must be a keras layer. Received: layer={layer!r} of type {type(layer).__name__}")
         if isinstance(layer, ClusterWeights):
@@ -491,6 +495,7 @@ class ClusterWeights(keras.layers.Wrapper):
         self.number_of_clusters = k
         self.cluster_centroids_init = init
         self.preserve_sparsity = preserve
+        self.weight_positions = None if weight_positions is None else tuple(weight_positions)
         self.supports_masking = getattr(layer, "supports_masking", False)
         self._clustered = []  # [(weight variable, centroids, centroid_mask, indices)]
 
@@ -499,7 +504,7 @@ class ClusterWeights(keras.layers.Wrapper):
             self.layer.build(input_shape)
         self._clustered = []
         k = self.number_of_clusters
-        for name, w in _clusterable(self.layer):
+        for name, w in _clusterable(self.layer, self.weight_positions):
             # Initialized from the inner weights as they are when the variables
             # are initialized (a .keras load then overwrites them all).
             source = _KernelClustering(w, k, self.cluster_centroids_init, self.preserve_sparsity)
@@ -541,12 +546,11 @@ class ClusterWeights(keras.layers.Wrapper):
     def get_build_config(self):
         if not self.built:
             return None
-        return {"layer": self.layer.get_build_config()}
+        return {"layer": self.layer.get_build_config(), "inputs": mu.input_specs(self)}
 
     def build_from_config(self, config):
-        inner = config.get("layer") if config else None
-        if inner and not self.layer.built:
-            self.layer.build_from_config(inner)
+        config = config or {}
+        mu.build_inner(self.layer, config.get("layer"), config.get("inputs"))
         self.build()
 
     @property
@@ -583,6 +587,7 @@ class ClusterWeights(keras.layers.Wrapper):
                 "number_of_clusters": self.number_of_clusters,
                 "cluster_centroids_init": self.cluster_centroids_init,
                 "preserve_sparsity": self.preserve_sparsity,
+                "weight_positions": self.weight_positions,
             }
         )
         return config
@@ -590,7 +595,7 @@ class ClusterWeights(keras.layers.Wrapper):
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
-        layer = keras.saving.deserialize_keras_object(config.pop("layer"), custom_objects=custom_objects)
+        layer = mu.deserialize_layer(config.pop("layer"), custom_objects)
         return cls(layer, **config)
 
 
@@ -617,17 +622,6 @@ def _tfopt_wrappers(model):
 
     kinds = (PruneLowMagnitude, QuantizeWrapper, QuantizeLayer, QuantizeAnnotate)
     return [l for l in model._flatten_layers(include_self=False, recursive=True) if isinstance(l, kinds)]
-
-
-def _unsupported_message(layers):
-    listed = ", ".join(mu.describe(l) for l in layers)
-    first = type(layers[0]).__name__
-    return (
-        f"tfopt does not know which weights to cluster in: {listed}. Either register the layer type "
-        f"with its kernels, e.g. `tfopt.register_layer({first}, prunable=('kernel',))` (clustering uses the "
-        "prunable weights), give it a `get_clusterable_weights()` method, or leave it unclustered with "
-        f"`filters=`, e.g. `filters=lambda layer: not isinstance(layer, {first})`."
-    )
 
 
 def cluster_weights(
@@ -698,8 +692,12 @@ def cluster_weights(
             wrapper.build()
         return wrapper
 
-    mu.check_model(model_or_layer, "model_or_layer", "cluster_weights")
     model = model_or_layer
+    subclassed = mu.is_subclassed(model)
+    if subclassed:
+        mu.check_built_subclassed(model, "model_or_layer", "cluster_weights")
+    else:
+        mu.check_model(model, "model_or_layer", "cluster_weights")
     if _wrappers(model):
         raise ValueError(
             f"Model {model.name!r} is already wrapped for clustering. Keep training it, or call "
@@ -713,9 +711,9 @@ def cluster_weights(
             "(preserve_sparsity=True keeps its zeros); quantize after clustering, not before. "
             f"Received: model_or_layer={model.name!r}"
         )
-    chosen, unsupported = mu.select_layers(model, filters, "get_clusterable_weights")
+    chosen, unsupported = mu.select_weights([model] if subclassed else mu.all_layers(model), filters, _PROTOCOL)
     if unsupported:
-        raise ValueError(_unsupported_message(unsupported) + f" Received: model_or_layer={model.name!r}")
+        raise ValueError(mu.unplaced_message(unsupported, "cluster", _PROTOCOL) + f" Received: model_or_layer={model.name!r}")
     if not chosen:
         raise ValueError(
             f"No layer of model {model.name!r} has weights to cluster"
@@ -723,10 +721,13 @@ def cluster_weights(
             + f" Received: filters={filters!r}"
         )
     _check_finite([l for l in mu.all_layers(model) if id(l) in chosen], f"model_or_layer={model.name!r}")
+    if subclassed:  # its graph is known only to its `call`: wrapped whole, inside a Functional model
+        wrapper = ClusterWeights(mu.copy_layer(model), weight_positions=chosen[id(model)], **options)
+        return mu.functional_shell(model, wrapper, "clustered")
 
     def clone_function(layer):
         new = _copy(layer)
-        return ClusterWeights(new, **options) if id(layer) in chosen else new
+        return ClusterWeights(new, weight_positions=chosen[id(layer)], **options) if id(layer) in chosen else new
 
     return mu.clone(model, clone_function)
 

@@ -82,21 +82,12 @@ def _check_options(pruning_schedule, block_size, block_pooling_type, sparsity_m_
             )
 
 
-def _prunable_paths(layer):
-    """Attribute paths of the weights to prune, or None if the layer type is unknown."""
-    spec = registry.lookup(layer)
-    if spec is not None:
-        return spec.prunable
-    if hasattr(layer, "get_prunable_weights"):  # TFMOT's PrunableLayer protocol
-        return None
-    return None
+_PROTOCOL = "get_prunable_weights"  # TFMOT's PrunableLayer protocol
 
 
 def _prunable_variables(layer):
-    paths = _prunable_paths(layer)
-    if paths is None and hasattr(layer, "get_prunable_weights"):
-        return list(layer.get_prunable_weights())
-    return [registry.weight_at(layer, p) for p in (paths or ())]
+    """The variables `PruneLowMagnitude(layer)` prunes by default (sub-layers included)."""
+    return [w.variable for w in registry.selected(layer, protocol=_PROTOCOL)]
 
 
 def _input_axis(layer):
@@ -160,6 +151,10 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         sparsity_m_by_n: (m, n): m zeros in every n consecutive weights along
             the input-channel axis (e.g. (2, 4)); the schedule then only says
             when masks update, and its sparsity value is ignored.
+        weight_positions: which weights below `layer` to prune, by their
+            positions in `tfopt.registry.walk(layer)` order (`prune_low_magnitude`
+            sets it from `filters=`); None prunes what the registry prunes by
+            default (every weight the row of a leaf layer names).
         **kwargs: base layer arguments (name, ...).
     """
 
@@ -170,6 +165,7 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         block_size=(1, 1),
         block_pooling_type="AVG",
         sparsity_m_by_n=None,
+        weight_positions=None,
         **kwargs,
     ):
         if not isinstance(layer, keras.layers.Layer):
@@ -189,21 +185,23 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         self.block_size = tuple(block_size)
         self.block_pooling_type = block_pooling_type
         self.sparsity_m_by_n = None if sparsity_m_by_n is None else tuple(sparsity_m_by_n)
+        self.weight_positions = None if weight_positions is None else tuple(weight_positions)
         self.supports_masking = getattr(layer, "supports_masking", False)
         # Set by UpdatePruningStep while `fit` runs; checked when tracing training calls.
         self._step_callback_attached = False
         self._pruned = []  # [(weight variable, mask variable, threshold variable)]
+        self._leaves = []  # the leaf layer of each pruned weight (its layout decides N:M groups)
         self._kept_cache = None  # ones in each mask, as of the last update_masks (None: unknown)
 
     def build(self, input_shape=None):
         if not self.layer.built:
             self.layer.build(input_shape)
-        weights = _prunable_variables(self.layer)
+        weights = registry.selected(self.layer, self.weight_positions, _PROTOCOL)
         for w in weights:
-            self._check_structure(w)
-        self._pruned = []
-        for w in weights:
-            short = w.path.split("/")[-1]
+            self._check_structure(w.layer, w.variable)
+        self._pruned, self._leaves = [], [w.layer for w in weights]
+        for weight in weights:
+            w, short = weight.variable, weight.path.replace("/", "_")
             mask = self.add_weight(
                 name=f"{short}_mask", shape=w.shape, dtype=w.dtype, initializer="ones", trainable=False
             )
@@ -216,10 +214,10 @@ class PruneLowMagnitude(keras.layers.Wrapper):
             w.constraint = _MaskConstraint(mask, w.constraint)
         self.built = True
 
-    def _check_structure(self, w):
+    def _check_structure(self, leaf, w):
         if self.sparsity_m_by_n is not None:
             n = self.sparsity_m_by_n[1]
-            axis = _input_axis(self.layer) if len(w.shape) >= 2 else -1
+            axis = _input_axis(leaf) if len(w.shape) >= 2 else -1
             if w.shape[axis] % n:
                 raise ValueError(
                     f"Layer {mu.describe(self.layer)} cannot take {self.sparsity_m_by_n} sparsity: its weight "
@@ -233,12 +231,13 @@ class PruneLowMagnitude(keras.layers.Wrapper):
             )
 
     def get_build_config(self):
-        return {"layer": self.layer.get_build_config()}
+        if not self.built:
+            return None
+        return {"layer": self.layer.get_build_config(), "inputs": mu.input_specs(self)}
 
     def build_from_config(self, config):
-        inner = config.get("layer") if config else None
-        if inner and not self.layer.built:
-            self.layer.build_from_config(inner)
+        config = config or {}
+        mu.build_inner(self.layer, config.get("layer"), config.get("inputs"))
         self.build()
 
     def call(self, inputs, *args, training=None, **kwargs):
@@ -302,7 +301,7 @@ class PruneLowMagnitude(keras.layers.Wrapper):
                 kept += self._kept_cache[i]
                 continue
             w_np = np.asarray(ops.convert_to_numpy(w))
-            new_mask, thr = self._compute_mask(w_np, np.asarray(ops.convert_to_numpy(mask)), sparsity)
+            new_mask, thr = self._compute_mask(self._leaves[i], w_np, np.asarray(ops.convert_to_numpy(mask)), sparsity)
             mask.assign(new_mask.astype(w_np.dtype))
             threshold.assign(thr)
             w.assign(w_np * new_mask)
@@ -316,9 +315,9 @@ class PruneLowMagnitude(keras.layers.Wrapper):
             return False  # structured masks are recomputed (a count does not prove the structure)
         return _num_kept(math.prod(w.shape), sparsity, currently_kept) == currently_kept
 
-    def _compute_mask(self, w, mask, sparsity):
+    def _compute_mask(self, leaf, w, mask, sparsity):
         if self.sparsity_m_by_n is not None:
-            axis = _input_axis(self.layer) if w.ndim >= 2 else -1
+            axis = _input_axis(leaf) if w.ndim >= 2 else -1
             return _m_by_n_mask(w, mask, self.sparsity_m_by_n, axis), 0.0
         if self.block_size != (1, 1):
             return _block_mask(w, mask, sparsity, self.block_size, self.block_pooling_type)
@@ -334,6 +333,7 @@ class PruneLowMagnitude(keras.layers.Wrapper):
                 "block_size": self.block_size,
                 "block_pooling_type": self.block_pooling_type,
                 "sparsity_m_by_n": self.sparsity_m_by_n,
+                "weight_positions": self.weight_positions,
             }
         )
         return config
@@ -344,7 +344,7 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         config["pruning_schedule"] = keras.saving.deserialize_keras_object(
             config["pruning_schedule"], custom_objects=custom_objects
         )
-        layer = keras.saving.deserialize_keras_object(config.pop("layer"), custom_objects=custom_objects)
+        layer = mu.deserialize_layer(config.pop("layer"), custom_objects)
         return cls(layer, **config)
 
 
@@ -457,49 +457,23 @@ def prune_low_magnitude(
         block_pooling_type=block_pooling_type,
         sparsity_m_by_n=sparsity_m_by_n,
     )
-    if isinstance(to_prune, keras.layers.Layer) and not isinstance(to_prune, keras.Model):
-        if isinstance(to_prune, PruneLowMagnitude):
-            raise ValueError(
-                f"Layer {mu.describe(to_prune)} is already wrapped for pruning. Keep training it, or pass the inner "
-                f"layer (`wrapper.layer`). Received: to_prune={to_prune.name!r}"
-            )
-        if _prunable_paths(to_prune) is None and not hasattr(to_prune, "get_prunable_weights"):
-            raise ValueError(_unsupported_message([to_prune]) + f" Received: to_prune={to_prune.name!r}")
-        layer = mu.copy_layer(to_prune) if to_prune.built else to_prune
-        wrapper = PruneLowMagnitude(layer, **options)
-        if layer.built:
-            wrapper.build()
-            wrapper.init_masks_from_weights()
-        return wrapper
+    if isinstance(to_prune, PruneLowMagnitude):
+        raise ValueError(
+            f"Layer {mu.describe(to_prune)} is already wrapped for pruning. Keep training it, or pass the inner "
+            f"layer (`wrapper.layer`). Received: to_prune={to_prune.name!r}"
+        )
+    if isinstance(to_prune, keras.layers.Layer) and not mu.is_graph_model(to_prune):
+        return _prune_whole(to_prune, filters, options)
 
     mu.check_model(to_prune, "to_prune", "prune_low_magnitude")
-    if _pruned_wrappers(to_prune):
-        raise ValueError(
-            f"Model {to_prune.name!r} is already wrapped for pruning. Keep training it, or call "
-            f"`tfopt.strip_pruning(model)` first to prune the stripped model again. Received: to_prune={to_prune.name!r}"
-        )
-    chosen, unsupported = mu.select_layers(to_prune, filters, "get_prunable_weights")
-    if unsupported:
-        raise ValueError(_unsupported_message(unsupported) + f" Received: to_prune={to_prune.name!r}")
-    if filters is None and not chosen:
-        raise ValueError(
-            f"Model {to_prune.name!r} has no prunable layer (Dense, Conv, Embedding, ... with weights in "
-            "`tfopt.registry`): there is nothing to prune. Pass the model that holds the weights, select "
-            "DepthwiseConv layers explicitly with `filters=` (they are not pruned by default), or register custom "
-            f"layers with `tfopt.register_layer`. Received: to_prune={to_prune.name!r}"
-        )
-    if filters is not None and not chosen:
-        raise ValueError(
-            f"`filters` selected no prunable layer in model {to_prune.name!r}. Check the names "
-            f"(model.summary()) or the predicate. Received: filters={filters!r}"
-        )
-
+    _check_not_pruned(to_prune)
+    chosen = _choose(mu.all_layers(to_prune), filters, to_prune.name)
     wrappers = []
 
     def clone_function(layer):
         new = mu.copy_layer(layer)
         if id(layer) in chosen:
-            new = PruneLowMagnitude(new, **options)
+            new = PruneLowMagnitude(new, weight_positions=chosen[id(layer)], **options)
             wrappers.append(new)
         return new
 
@@ -509,15 +483,65 @@ def prune_low_magnitude(
     return pruned
 
 
-def _unsupported_message(layers):
-    listed = ", ".join(mu.describe(l) for l in layers)
-    first = type(layers[0]).__name__
-    return (
-        f"tfopt does not know which weights to prune in: {listed}. Either register the layer type, "
-        f"e.g. `tfopt.register_layer({first}, prunable=('kernel',))`, give it a "
-        "`get_prunable_weights()` method, or leave it dense with `filters=`, e.g. "
-        f"`filters=lambda layer: not isinstance(layer, {first})`."
-    )
+def _check_not_pruned(model):
+    if _pruned_wrappers(model):
+        raise ValueError(
+            f"Model {model.name!r} is already wrapped for pruning. Keep training it, or call "
+            f"`tfopt.strip_pruning(model)` first to prune the stripped model again. Received: to_prune={model.name!r}"
+        )
+
+
+def _choose(layers, filters, name):
+    """`mu.select_weights` for pruning, with pruning's errors."""
+    chosen, unsupported = mu.select_weights(layers, filters, _PROTOCOL)
+    if unsupported:
+        raise ValueError(mu.unplaced_message(unsupported, "prune", _PROTOCOL) + f" Received: to_prune={name!r}")
+    if filters is None and not chosen:
+        raise ValueError(
+            f"Model {name!r} has no prunable layer (Dense, Conv, Embedding, ... with weights in "
+            "`tfopt.registry`): there is nothing to prune. Pass the model that holds the weights, select "
+            "DepthwiseConv layers explicitly with `filters=` (they are not pruned by default), or register custom "
+            f"layers with `tfopt.register_layer`. Received: to_prune={name!r}"
+        )
+    if filters is not None and not chosen:
+        raise ValueError(
+            f"`filters` selected no prunable layer in model {name!r}. Check the names "
+            f"(model.summary()) or the predicate. Received: filters={filters!r}"
+        )
+    return chosen
+
+
+def _prune_whole(to_prune, filters, options):
+    """A single layer (composite or not), or a subclassed model, wrapped as a whole.
+
+    A layer comes back as its wrapper; a subclassed model (whose graph only its `call` knows) comes back
+    inside a Functional model over the input shapes it was built with, so `fit` and the callback work as
+    for any pruned model; `strip_pruning` turns it into a Functional model around a plain instance of the
+    model's own class.
+    """
+    is_model = isinstance(to_prune, keras.Model)
+    if is_model:
+        mu.check_built_subclassed(to_prune, "to_prune", "prune_low_magnitude")
+        _check_not_pruned(to_prune)
+    chosen = _choose([to_prune], filters, to_prune.name) if to_prune.built and (is_model or filters is not None) else None
+    if chosen is None:
+        # Unbuilt (a layer in a subclassed model's `__init__`): its weights do not exist yet; its type decides.
+        found, unplaced = registry.walk(to_prune, _PROTOCOL) if to_prune.built else (registry.knowable(to_prune, _PROTOCOL), [])
+        if unplaced or not found:
+            raise ValueError(
+                mu.unplaced_message([(to_prune, unplaced)], "prune", _PROTOCOL)
+                + f" Received: to_prune={to_prune.name!r}"
+            )
+    layer = mu.copy_layer(to_prune) if to_prune.built else to_prune
+    positions = chosen[id(to_prune)] if chosen else None
+    wrapper = PruneLowMagnitude(layer, weight_positions=positions, **options)
+    if not layer.built:
+        return wrapper
+    wrapper.build()
+    wrapper.init_masks_from_weights()
+    if not is_model:
+        return wrapper
+    return mu.functional_shell(to_prune, wrapper, "pruned")
 
 
 def strip_pruning(model):
@@ -536,6 +560,11 @@ def strip_pruning(model):
         >>> final = tfopt.strip_pruning(pruned)
         >>> final.save("pruned.keras")
     """
+    if mu.is_subclassed(model):
+        raise ValueError(
+            f"`strip_pruning` takes the model `prune_low_magnitude` returned (a Functional model around a pruned "
+            f"subclassed model), not the subclassed model itself. Received: model={model.name!r} of type {type(model).__name__}"
+        )
     mu.check_model(model, "model", "strip_pruning")
 
     def clone_function(layer):
@@ -606,10 +635,8 @@ def sparsity_report(model):
             continue
         if isinstance(layer, PruneLowMagnitude):
             weights = [w for w, _, _ in layer.pruned_weights]
-        elif registry.lookup(inner) is not None or hasattr(inner, "get_prunable_weights"):
-            weights = _prunable_variables(inner)
         else:
-            continue
+            weights = [w.variable for w in registry.walk(inner, _PROTOCOL)[0]]
         if not weights:
             continue
         size = sum(math.prod(w.shape) for w in weights)

@@ -11,6 +11,16 @@ Weight names are attribute paths on the layer, e.g. ``"kernel"`` or
 ``"cell.recurrent_kernel"`` (an RNN's cell) or ``"query_dense.kernel"``
 (a sub-layer of `MultiHeadAttention`).
 
+Composite layers (layers that own sub-layers: keras-hub's
+`TransformerEncoder`, `Bidirectional`, a user's own block) need no row: `walk`
+descends into their sub-layers and finds the leaf weights by the same rows.
+Only weights a composite layer creates itself (not through a sub-layer) need a
+row, so that nothing is guessed.
+
+Rows are keyed by class, or by a class's qualified name
+(``"module.QualName"``) or registered name (``"package>Name"``) for classes of
+optional packages such as keras-hub, so tfopt never imports them.
+
 Users register their own layers with `tfopt.register_layer`.
 """
 
@@ -18,7 +28,7 @@ import dataclasses
 
 import keras
 
-__all__ = ["LayerSpec", "register_layer", "lookup", "weight_at", "unregister_layer"]
+__all__ = ["LayerSpec", "Weight", "register_layer", "lookup", "weight_at", "unregister_layer", "walk", "children", "selected", "knowable"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +44,8 @@ class LayerSpec:
             per-channel scales (None: per-tensor).
         activation: name of the attribute holding a fused activation
             (e.g. ``"activation"`` for Dense and Conv), or None.
+        sublayers: True for a composite layer whose own weights the row
+            describes while `walk` still descends into its sub-layers.
     """
 
     prunable: tuple = ()
@@ -41,6 +53,7 @@ class LayerSpec:
     quantizable: tuple = ()
     quant_axis: tuple = ()
     activation: str | None = None
+    sublayers: bool = False
 
 
 L = keras.layers
@@ -87,11 +100,17 @@ _TABLE = {
     L.UnitNormalization: LayerSpec(),
     L.Normalization: LayerSpec(),
     L.PReLU: LayerSpec(),
+    # keras-hub, by name. Position embeddings stay dense unless selected with `filters=`; the ViT patch
+    # embedding's class token stays dense, its Conv2D and position Embedding are found by `walk`.
+    "keras_hub>PositionEmbedding": LayerSpec(prunable=("position_embeddings",), prune_by_default=False),
+    "keras_hub.src.models.vit.vit_layers.ViTPatchingAndEmbedding": LayerSpec(sublayers=True),
 }
 del L
 
 
-def register_layer(layer_class, *, prunable=(), prune_by_default=True, quantizable=(), quant_axis=None, activation=None):
+def register_layer(
+    layer_class, *, prunable=(), prune_by_default=True, quantizable=(), quant_axis=None, activation=None, sublayers=False
+):
     """Tells tfopt how to treat a custom layer class.
 
     Args:
@@ -102,6 +121,9 @@ def register_layer(layer_class, *, prunable=(), prune_by_default=True, quantizab
         quant_axis: per-channel axis for each quantizable weight (None entries
             for per-tensor). Defaults to per-tensor for every weight.
         activation: attribute holding a fused activation, if any.
+        sublayers: True if the layer also holds sub-layers whose weights
+            tfopt should find by their own rows (the row then only describes
+            the weights the layer creates itself).
 
     Raises:
         TypeError: `layer_class` is not a Keras layer class.
@@ -133,6 +155,7 @@ def register_layer(layer_class, *, prunable=(), prune_by_default=True, quantizab
         quantizable=quantizable,
         quant_axis=quant_axis,
         activation=activation,
+        sublayers=bool(sublayers),
     )
 
 
@@ -144,8 +167,9 @@ def unregister_layer(layer_class):
 def lookup(layer):
     """Returns the `LayerSpec` for `layer`, or None if its type is unknown."""
     for cls in type(layer).__mro__:
-        if cls in _TABLE:
-            return _TABLE[cls]
+        for key in (cls, f"{cls.__module__}.{cls.__qualname__}", keras.saving.get_registered_name(cls)):
+            if key in _TABLE:
+                return _TABLE[key]
     return None
 
 
@@ -155,3 +179,113 @@ def weight_at(layer, path):
     for part in path.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Weight:
+    """One weight a transform may change, found by `walk`.
+
+    Attributes:
+        path: where it sits below the walked layer, by layer names, e.g.
+            ``"self_attention_layer/query/kernel"`` (``"kernel"`` for a leaf).
+        layer: the leaf layer whose row (or protocol method) names it.
+        variable: the variable itself.
+        by_default: False for weights transformed only when selected.
+    """
+
+    path: str
+    layer: object
+    variable: object
+    by_default: bool = True
+
+
+def _display_path(layer, attr_path):
+    # "query_dense.kernel" -> "query/kernel": sub-layers by their names, the variable by its own.
+    parts, obj = [], layer
+    for attr in attr_path.split("."):
+        obj = getattr(obj, attr)
+        if isinstance(obj, keras.layers.Layer):
+            parts.append(obj.name)
+    return "/".join(parts + [obj.name])
+
+
+def children(layer):
+    """The direct sub-layers of `layer`, in attribute order."""
+    return layer._flatten_layers(include_self=False, recursive=False)
+
+
+def walk(layer, protocol=None):
+    """The weights tfopt may prune or cluster in `layer`, sub-layers included.
+
+    A layer with a row contributes the row's `prunable` weights (and, for a
+    ``sublayers=True`` row, what its sub-layers contribute). A layer without a
+    row contributes what `protocol` (e.g. ``"get_prunable_weights"``, TFMOT's
+    protocol) returns, else what its sub-layers contribute; weights it creates
+    itself are then *unplaced*: tfopt does not know whether they may change.
+
+    Args:
+        layer: a Keras layer (a model too).
+        protocol: name of a method returning the weights of layers without a
+            row (pruning: ``"get_prunable_weights"``), or None.
+
+    Returns:
+        ``(weights, unplaced)``: a list of `Weight` in a fixed order (rows'
+        order, then sub-layers in attribute order), and the paths of the
+        unplaced weights.
+    """
+    weights, unplaced = [], []
+    _walk(layer, "", protocol, weights, unplaced, set())
+    return weights, unplaced
+
+
+def selected(layer, positions=None, protocol=None):
+    """The weights of `layer` at `positions` in `walk` order, or its default ones for None.
+
+    Positions, not paths, identify the weights a wrapper transforms: `walk`
+    order is fixed by the layer's code, while the names of sub-layers a
+    composite layer creates without naming them change with every copy or load.
+    Defaults: a leaf layer wrapped alone is a selection, so every weight its
+    row names; a composite layer, the weights its sub-layers' rows transform
+    by default.
+
+    Raises:
+        ValueError: a position that `walk` does not find.
+    """
+    found, _ = walk(layer, protocol)
+    if positions is None:
+        return [w for w in found if w.by_default or w.layer is layer]
+    if any(not 0 <= i < len(found) for i in positions):
+        raise ValueError(
+            f"Layer '{layer.name}' of type {type(layer).__name__} has {len(found)} weights tfopt can transform "
+            f"({[w.path for w in found]}), fewer than the positions asked for. Received: positions={tuple(positions)}"
+        )
+    return [found[i] for i in positions]
+
+
+def knowable(layer, protocol=None):
+    """True if `walk` can tell the weights of `layer` once it is built (its type alone decides)."""
+    return lookup(layer) is not None or bool(protocol and hasattr(layer, protocol)) or bool(children(layer))
+
+
+def _walk(layer, prefix, protocol, weights, unplaced, seen):
+    if id(layer) in seen:  # a sub-layer shared by two parents: its weights once
+        return
+    seen.add(id(layer))
+    spec = lookup(layer)
+    if spec is None and protocol and hasattr(layer, protocol):
+        for item in getattr(layer, protocol)():
+            name, v = item if isinstance(item, tuple) else (item.name, item)  # clustering's protocol: (name, var)
+            weights.append(Weight(prefix + str(name), layer, v))
+        return
+    if spec is not None:
+        for attr in spec.prunable:
+            v = weight_at(layer, attr)
+            weights.append(Weight(prefix + _display_path(layer, attr), layer, v, spec.prune_by_default))
+        if not spec.sublayers:
+            return
+    subs = children(layer)
+    for child in subs:
+        _walk(child, f"{prefix}{child.name}/", protocol, weights, unplaced, seen)
+    if spec is None:
+        owned = {id(v) for child in subs for v in child.weights}
+        unplaced.extend(prefix + v.name for v in layer.weights if id(v) not in owned)
