@@ -389,8 +389,8 @@ def _backends(lines):
                  for x in r["ratios"][v]["per_round"])
     lines.append(
         "\nSteps of ~10 ms on a 2-core VM are noisy: single rounds lay up to "
-        f"{spread:.2f}x from the medians; read differences under ~0.1x as noise. No target (issue 8 asks for the "
-        "figures); the MobileNetV2 pruning and QAT rows above are the targeted ones.\n"
+        f"{spread:.2f}x from the medians; read differences under ~0.1x as noise. The MobileNetV2 "
+        "pruning and QAT rows above are measured with more steps per block.\n"
     )
 
 
