@@ -171,12 +171,12 @@ def test_representative_data_as_dataset_and_generator(tiny, rep):
 
 
 def test_representative_data_sources_and_cap(rep):
-    shape = (None, *INPUT_SHAPE)
-    np.testing.assert_array_equal(converter_mod._samples(rep, shape, "float32", 10), rep[:10])
+    specs = [te._structure.Spec("image", (None, *INPUT_SHAPE), "float32")]
+    np.testing.assert_array_equal(converter_mod._samples(rep, specs, 10)["image"], rep[:10])
     gen = (x for x in rep)  # single samples, no batch axis
-    assert converter_mod._samples(gen, shape, "float32", 300).shape == rep.shape
+    assert converter_mod._samples(gen, specs, 300)["image"].shape == rep.shape
     pairs = [(rep[i : i + 8], np.zeros(8)) for i in range(0, 32, 8)]
-    assert converter_mod._samples(lambda: iter(pairs), shape, "float32", 12).shape == (12, *INPUT_SHAPE)
+    assert converter_mod._samples(lambda: iter(pairs), specs, 12)["image"].shape == (12, *INPUT_SHAPE)
 
 
 # --- saving --------------------------------------------------------------------------------

@@ -4,12 +4,18 @@ The only part of tfopt that imports TensorFlow (and only inside `convert`). Ever
 `.tflite` flatbuffer directly or runs it with LiteRT (`ai_edge_litert`), so `analyze`,
 `edgetpu_report` and `benchmark` work on any `.tflite`, whoever made it.
 
+Models with several inputs and outputs (lists or dicts, float or integer inputs such as token ids)
+convert as they are: the `.tflite` carries the Keras input and output names, calibration data and
+`predict` inputs come as the Keras model takes them, and `predict` answers in its output structure.
+
 Example:
     >>> from tfopt import tflite_export
     >>> tfl = tflite_export.convert(model, target="edgetpu", representative_data=x_train[:300])
     >>> tfl.save("model_int8.tflite")
     >>> print(tfl.report); print(tfl.edgetpu)
     >>> tflite_export.compare(model, tfl, x_test[:200])
+    >>> two = tflite_export.convert(two_input_model, representative_data={"image": images, "meta": meta})
+    >>> two.input_names, two.predict({"image": images, "meta": meta})["cls"]
 """
 
 from tfopt.tflite_export._errors import ConversionError, EdgeTPUError, MicroError, TFLiteFileError

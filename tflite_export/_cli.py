@@ -19,8 +19,14 @@ def add_subcommands(subparsers):
     p.add_argument("-o", "--output", required=True, help="the .tflite file to write")
     p.add_argument("--target", default="mobile", choices=TARGETS)
     p.add_argument("--mode", default="int8", choices=MODES)
-    p.add_argument("--io-dtype", default=None, choices=("int8", "uint8", "int16", "float32"))
-    p.add_argument("--rep-data", default=None, help="calibration inputs: a .npy file (N, ...) or .npz (first array)")
+    p.add_argument("--io-dtype", default=None, choices=("int8", "uint8", "int16", "float32"),
+                   help="dtype of the float inputs and outputs (integer ones, e.g. int32 token ids, stay as they are)")
+    p.add_argument(
+        "--rep-data", default=None, metavar="FILE",
+        help="calibration inputs, batch first: a .npy file (N, ...) for a single-input model, or a .npz with one "
+        "array per model input, keyed by input name (np.savez('calib.npz', image=x, meta=m); token ids as "
+        "integers); a .npz with a single array feeds a single-input model whatever its key",
+    )
     p.add_argument("--max-samples", type=int, default=300, help="calibration sample cap (default 300)")
     p.add_argument("--no-strict", action="store_true", help="warn instead of failing on unmapped/float ops")
     p.add_argument("--c-array", default=None, metavar="STEM", help="also write STEM.h / STEM.cc (micro firmware)")
@@ -43,7 +49,8 @@ def add_subcommands(subparsers):
     return subparsers
 
 
-def _load_array(path):
+def _load_rep_data(path):
+    """The --rep-data file: an array (.npy, or a .npz holding one), or {input name: array} (.npz)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"No representative data file at this path. Received: --rep-data={path!r}")
     try:
@@ -56,8 +63,13 @@ def _load_array(path):
     if isinstance(data, np.lib.npyio.NpzFile):
         with data:
             if not data.files:
-                raise ValueError(f"The .npz file holds no array. Received: --rep-data={path!r}")
-            return data[data.files[0]]
+                raise ValueError(
+                    "The .npz file holds no array: save one array per model input, keyed by input name. "
+                    f"Received: --rep-data={path!r}"
+                )
+            if len(data.files) == 1:
+                return data[data.files[0]]
+            return {name: data[name] for name in data.files}
     return data
 
 
@@ -94,7 +106,7 @@ def _convert(args):
             raise FileNotFoundError(f"The directory to write into does not exist; create it first. Received: {flag} {path!r}")
         if flag == "-o" and os.path.isdir(path):
             raise ValueError(f"This path is a directory, not a file: name the file to write. Received: {flag} {path!r}")
-    rep = _load_array(args.rep_data) if args.rep_data else None
+    rep = _load_rep_data(args.rep_data) if args.rep_data else None
     try:
         tfl = convert(
             args.model,
@@ -110,7 +122,10 @@ def _convert(args):
         if rep is not None or "needs representative_data" not in str(e):
             raise
         # The Python argument name means nothing on the command line: name the flag.
-        raise ValueError(f"{e} On the command line: --rep-data calib.npy (float32, shape (N, ...)).") from None
+        raise ValueError(
+            f"{e} On the command line: --rep-data calib.npy (float32, shape (N, ...)), or for several inputs "
+            "--rep-data calib.npz with one array per input name."
+        ) from None
     tfl.save(args.output)
     if args.c_array:
         tfl.save_c_array(args.c_array)

@@ -4,11 +4,14 @@ Reads with the schema that ships in ai-edge-litert (`ai_edge_litert.schema_py_ge
 accessor API, not the object API (`ModelT`): unpacking every buffer into Python lists is what makes the
 object API slow on big models, while `DataAsNumpy()` is a zero-copy view. Only the first subgraph's
 operators are walked by the analyses; the others are counted (control flow).
+
+One writer, `with_io_names`, names a model's inputs and outputs (tensors, signature, metadata).
 """
 
 import dataclasses
 import os
 
+import flatbuffers
 import numpy as np
 from ai_edge_litert import schema_py_generated as _schema
 
@@ -128,6 +131,12 @@ class FlatModel:
             md = m.Metadata(i)
             self.metadata[_str(md.Name())] = md.Buffer()
         self.subgraphs = [self._read_subgraph(m.Subgraphs(i)) for i in range(m.SubgraphsLength())]
+        self.signatures = {}  # key -> (subgraph index, {input name: tensor}, {output name: tensor})
+        for i in range(m.SignatureDefsLength()):
+            sd = m.SignatureDefs(i)
+            maps = [{_str(t.Name()): t.TensorIndex() for t in (get(j) for j in range(n))}
+                    for get, n in ((sd.Inputs, sd.InputsLength()), (sd.Outputs, sd.OutputsLength()))]
+            self.signatures[_str(sd.SignatureKey())] = (sd.SubgraphIndex(), *maps)
 
     def _read_subgraph(self, sg):
         tensors = [self._read_tensor(sg.Tensors(i), i) for i in range(sg.TensorsLength())]
@@ -312,3 +321,44 @@ def layer_of(tensor_name):
         return None
     scopes = parts[-1].split("/")
     return scopes[1] if len(scopes) > 2 else scopes[0]
+
+
+class _AlignedBuilder(flatbuffers.Builder):
+    """Starts every byte vector (the weight buffers) on 16 bytes, as the converter does: kernels read
+    weights in place, and int32 bias or float weights read unaligned fault on some microcontrollers."""
+
+    def CreateNumpyVector(self, x):
+        if x.dtype == np.uint8:
+            self.Prep(16, x.nbytes)
+        return super().CreateNumpyVector(x)
+
+
+def with_io_names(content, input_names, output_names, metadata):
+    """The model with its first subgraph's inputs and outputs named, and metadata added.
+
+    Renames the I/O tensors (in the subgraph's order), replaces the signatures with one
+    "serving_default" mapping those names to the tensors (LiteRT's `get_signature_runner`), and adds
+    or replaces the `metadata` entries ({name: bytes}). The converter itself rewrites a model this way
+    (the schema's object API) to change its I/O dtypes. A model over 2 GB (buffers stored after the
+    flatbuffer, which the object API drops) is returned unchanged.
+    """
+    model = _schema.ModelT.InitFromPackedBuf(content, 0)
+    if any(b.offset > 1 for b in model.buffers or ()):
+        return content
+    sg = model.subgraphs[0]
+    maps = []
+    for indices, names in ((sg.inputs, input_names), (sg.outputs, output_names)):
+        maps.append([])
+        for index, name in zip(indices, names):
+            sg.tensors[index].name = name
+            maps[-1].append(_schema.TensorMapT(name=name, tensorIndex=int(index)))
+    model.signatureDefs = [_schema.SignatureDefT(maps[0], maps[1], "serving_default", 0)]
+    model.metadata = [md for md in model.metadata or () if _str(md.name) not in metadata]
+    for name, data in metadata.items():
+        buffer = _schema.BufferT()
+        buffer.data = np.frombuffer(data, np.uint8)
+        model.buffers.append(buffer)
+        model.metadata.append(_schema.MetadataT(name, len(model.buffers) - 1))
+    builder = _AlignedBuilder(len(content) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=_FILE_IDENTIFIER)
+    return bytes(builder.Output())

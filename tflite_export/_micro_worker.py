@@ -1,11 +1,11 @@
 """Runs a model in TFLite Micro and in LiteRT's reference kernels; executed as a separate process.
 
-Usage: python _micro_worker.py MODEL.tflite INPUTS.npy OUT.npz
+Usage: python _micro_worker.py MODEL.tflite INPUTS.npz OUT.npz
 
 Both runtimes abort the whole process (SIGABRT) on some degenerate models instead of raising, so
 `tfopt.tflite_export.micro` never runs them in its own process. Imports neither tfopt nor TF: only
-numpy, tflite_micro and ai_edge_litert, so it starts fast. INPUTS.npy holds quantized samples,
-one per row (batch 1 each). OUT.npz gets `micro` and `litert` outputs (object arrays, one entry
+numpy, tflite_micro and ai_edge_litert, so it starts fast. INPUTS.npz holds `input_<j>`, the
+quantized samples of the model's input j, one per row (batch 1 each). OUT.npz gets `micro` and `litert` outputs (object arrays, one entry
 per output tensor) and `arena_bytes`, the smallest arena that runs the model, found by bisection.
 """
 
@@ -17,8 +17,9 @@ import numpy as np
 def _run(runtime, content, arena, samples, n_outputs):
     it = runtime.Interpreter.from_bytes(content, arena_size=arena)
     outs = [[] for _ in range(n_outputs)]
-    for s in samples:
-        it.set_input(s, 0)
+    for row in zip(*samples):
+        for j, s in enumerate(row):
+            it.set_input(s, j)
         it.invoke()
         for j in range(n_outputs):
             outs[j].append(np.array(it.get_output(j)))
@@ -31,15 +32,16 @@ def main(model_path, inputs_path, out_path):
 
     with open(model_path, "rb") as f:
         content = f.read()
-    samples = np.load(inputs_path)
     ref = Interpreter(model_content=content, num_threads=1, experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
     ref.allocate_tensors()
     n_outputs = len(ref.get_output_details())
-    in_index = ref.get_input_details()[0]["index"]
+    in_indices = [d["index"] for d in ref.get_input_details()]
+    with np.load(inputs_path) as data:
+        samples = [data[f"input_{j}"] for j in range(len(in_indices))]
 
     def fits(arena):
         try:
-            _run(runtime, content, arena, samples[:1], n_outputs)
+            _run(runtime, content, arena, [s[:1] for s in samples], n_outputs)
             return True
         except RuntimeError:
             return False
@@ -47,7 +49,7 @@ def main(model_path, inputs_path, out_path):
     hi = max(64 * 1024, 4 * len(content))
     while not fits(hi):
         if hi > (1 << 30):
-            _run(runtime, content, hi, samples[:1], n_outputs)  # raises the real error
+            _run(runtime, content, hi, [s[:1] for s in samples], n_outputs)  # raises the real error
         hi *= 2
     lo = 0
     while hi - lo > 1:
@@ -58,8 +60,9 @@ def main(model_path, inputs_path, out_path):
             lo = mid
     micro = _run(runtime, content, hi, samples, n_outputs)
     litert = [[] for _ in range(n_outputs)]
-    for s in samples:
-        ref.set_tensor(in_index, s)
+    for row in zip(*samples):
+        for index, s in zip(in_indices, row):
+            ref.set_tensor(index, s)
         ref.invoke()
         for j, d in enumerate(ref.get_output_details()):
             litert[j].append(np.array(ref.get_tensor(d["index"])))

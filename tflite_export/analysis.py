@@ -213,9 +213,20 @@ def _weight_tensors(sg):
     return weights
 
 
+def _weight_lookups(sg):
+    """Outputs of GATHER / EMBEDDING_LOOKUP from a constant table: in a dynamic-range model an int8
+    embedding table gives int8 rows that are dequantized right away, so they are weights, not an
+    integer graph."""
+    slot = {"GATHER": 0, "EMBEDDING_LOOKUP": 1}
+    return {op.outputs[0] for op in sg.operators
+            if op.name in slot and op.outputs and sg.tensors[op.inputs[slot[op.name]]].is_constant}
+
+
 def _kind(sg, leaks):
+    lookups = _weight_lookups(sg)
     act = collections.Counter(
-        t.dtype for t in sg.tensors if not t.is_constant and t.index not in sg.inputs and t.index not in sg.outputs
+        t.dtype for t in sg.tensors
+        if not t.is_constant and t.index not in sg.inputs and t.index not in sg.outputs and t.index not in lookups
     )
     if not act:
         act = collections.Counter(t.dtype for t in sg.tensors if not t.is_constant)
@@ -246,7 +257,9 @@ def _analyze_model(fm, gzip_bytes):
         else:
             d["activations"] += 1
     edge = io_edge_ops(sg)
-    has_int_acts = any(t.dtype in _INT8_LIKE + ("int16",) and not t.is_constant for t in sg.tensors)
+    lookups = _weight_lookups(sg)
+    has_int_acts = any(t.dtype in _INT8_LIKE + ("int16",) and not t.is_constant and t.index not in lookups
+                       for t in sg.tensors)
     leaks = _float_leaks(sg, edge) if has_int_acts else []
     weights = _weight_tensors(sg)
     n_params = 0

@@ -1,8 +1,9 @@
 """`convert`: Keras 3 model -> a verified `.tflite` for phones (LiteRT), Coral Edge TPU or microcontrollers.
 
-The route: `keras.export.ExportArchive` with one endpoint, `model(x, training=False)` traced on a
-static batch-1 `TensorSpec`, converted with `tf.lite.TFLiteConverter.from_concrete_functions([fn],
-archive)`, the archive holding the model's variables. `TFLiteConverter.from_keras_model` builds the same
+The route: `keras.export.ExportArchive` with one endpoint, `model(x, training=False)` traced on
+static batch-1 `TensorSpec`s (`x` in the model's input structure: a tensor, a list or a dict),
+converted with `tf.lite.TFLiteConverter.from_concrete_functions([fn], archive)`, the archive
+holding the model's variables. `TFLiteConverter.from_keras_model` builds the same
 archive for Keras 3 but writes it out as a SavedModel and loads it back, which is most of its time
 (MobileNetV2: ~4x slower end to end, identical int8 outputs). It also keeps Keras' dynamic batch: Keras inputs default to a `None`
 batch, which gives `-1` shape signatures (the Edge TPU compiler rejects them) and SHAPE /
@@ -17,9 +18,14 @@ STRIDED_SLICE / PACK int32 ops around Flatten. Traps avoided on purpose:
   prepare in ai-edge-litert 2.3.0, and XNNPACK's sparse inference is float-only and gave no speedup
   on x86. Pruned weights still pay off in the compressed size, which `analyze` reports.
 
+The converter leaves the I/O tensors unnamed ("Identity", "Identity_1") and without a signature, so
+`convert` then names them after the Keras inputs and outputs and records the model's I/O structure
+(`_structure`): `TFLiteModel.predict` takes and returns what the Keras model does.
+
 After every conversion the result is checked (I/O dtypes, every tensor integer, no float QUANTIZE /
-DEQUANTIZE inside the graph, static batch 1, outputs finite on LiteRT), and the targets add their
+DEQUANTIZE inside the graph, static batch 1, every output finite on LiteRT), and the targets add their
 own checks: the Edge TPU report (strict: every op maps) and a TFLite Micro run in a subprocess.
+Integer inputs (token ids, masks) stay unquantized integers in every mode.
 """
 
 import contextlib
@@ -33,7 +39,7 @@ import warnings
 
 import numpy as np
 
-from tfopt.tflite_export import _flatbuffer, analysis as _analyze, edgetpu as _edgetpu, micro as _micro
+from tfopt.tflite_export import _flatbuffer, _structure, analysis as _analyze, edgetpu as _edgetpu, micro as _micro
 from tfopt.tflite_export import runtime as _runtime
 from tfopt.tflite_export._errors import ConversionError, EdgeTPUError, MicroError
 from tfopt.tflite_export._io import atomic_write
@@ -69,6 +75,7 @@ class TFLiteModel:
         edgetpu: the `EdgeTPUReport` (target "edgetpu"), else None.
         micro: the `MicroResult` of the TFLite Micro run (target "micro"), else None.
         arena_bytes: the smallest TFLM tensor arena that runs the model (target "micro"), else None.
+        input_names, output_names: the model's I/O names in its order (the Keras names).
         target, mode, io_dtype: what was asked; conversion_seconds: wall time of `convert`.
     """
 
@@ -127,17 +134,48 @@ class TFLiteModel:
             self._runner = _runtime.Runner(self.content)
         return self._runner
 
-    def predict(self, x):
-        """Float inputs (batch first) -> float outputs, on LiteRT.
+    @property
+    def input_names(self):
+        """The model's input names, in its input order (a list `predict` takes follows it)."""
+        return list(self._get_runner().input_names)
 
-        Quantizes inputs and dequantizes outputs with the I/O tensors' parameters; a static batch-1
-        model runs sample by sample, so any batch size works.
+    @property
+    def output_names(self):
+        """The model's output names, in its output order."""
+        return list(self._get_runner().output_names)
+
+    def predict(self, x):
+        """Model inputs (batch first) -> outputs, on LiteRT, in the Keras model's structure.
+
+        `x` is what the Keras model takes: an array (one input), a list of arrays in input order
+        (`input_names`) or a dict keyed by input name. Float inputs are quantized and outputs
+        dequantized with the I/O tensors' parameters; integer inputs (token ids, masks) go in as
+        integers. A static batch-1 model runs sample by sample, so any batch size works.
+
+        Returns:
+            One float array for a single output; else a list, or a dict keyed by output name when
+            the Keras model returns a dict (a file made elsewhere: a list, in its own order).
+
+        Raises:
+            ValueError: an input missing, unknown, of the wrong shape or dtype (float token ids), or
+                inputs with different batch sizes.
+
+        Example:
+            >>> tfl.predict({"image": images, "meta": meta})["cls"].argmax(-1)
         """
         return self._get_runner().predict(x)
 
     def evaluate(self, x, y):
-        """Classification accuracy on LiteRT; `y` holds integer labels or one-hot rows."""
-        return _runtime.accuracy(self.predict(x), y)
+        """Classification accuracy on LiteRT; `y` holds integer labels or one-hot rows.
+
+        With several outputs, `y` is a list with one label array per output or a dict keyed by
+        output name (leave out outputs without labels, e.g. regression heads), and the result is a
+        dict {output name: accuracy}.
+
+        Example:
+            >>> tfl.evaluate({"image": images, "meta": meta}, {"cls": labels})
+        """
+        return self._get_runner().evaluate(x, y)
 
     def benchmark(self, runs=100, warmup=10, threads=1, kernels="xnnpack"):
         """Median LiteRT latency (see `tfopt.tflite_export.benchmark`)."""
@@ -309,38 +347,32 @@ def _check_weights(model):
 
 
 def _input_spec(model, has_data):
-    try:
-        inputs = model.inputs
-    except (AttributeError, ValueError):
-        inputs = None
-    if not inputs:
-        if has_data:  # subclassed model: the representative samples give the input shape
-            return None, "float32", "input"
-        raise ValueError(
-            "The model has no known input shape (a subclassed model?): pass representative_data, or build it "
-            f"with the Functional API (`keras.Input(...)`). Received: model={model.name!r}"
-        )
-    if len(inputs) != 1:
-        raise ValueError(
-            f"`convert` handles single-input models; this one has {len(inputs)} inputs. Received: model={model.name!r}"
-        )
-    t = inputs[0]
-    return tuple(t.shape), str(t.dtype), getattr(t, "name", "input")
+    """(kind, [Spec]) of the model's inputs (see `_structure.keras_inputs`)."""
+    io = _structure.keras_inputs(model)
+    if io is not None:
+        return io
+    if has_data:  # subclassed model: the representative samples give the input shape
+        return "single", [_structure.Spec("input", None, "float32")]
+    raise ValueError(
+        "The model has no known input shape (a subclassed model?): pass representative_data, or build it "
+        f"with the Functional API (`keras.Input(...)`). Received: model={model.name!r}"
+    )
 
 
-def _layer_resolver(model):
+def _layer_resolver(model, output_names=()):
     """tensor name -> the Keras layer it came from (TF suffixes scope names with _1, _2 ...)."""
     if model is None:
         return _flatbuffer.layer_of
     names = {layer.name for layer in model._flatten_layers(include_self=False)}
-    outputs = [getattr(getattr(t, "_keras_history", None), "operation", None) for t in getattr(model, "outputs", [])]
-    output_layer = outputs[0].name if len(outputs) == 1 and outputs[0] is not None else None
+    ops = [getattr(getattr(t, "_keras_history", None), "operation", None) for t in getattr(model, "outputs", [])]
+    # `convert` names the output tensors after the Keras outputs: map them to the layers that make them.
+    outputs = {}
+    if len(ops) == len(output_names):
+        outputs = {n: op.name for n, op in zip(output_names, ops) if op is not None}
 
     def resolve(tensor_name):
-        if "/" not in tensor_name and output_layer is not None and (
-            "StatefulPartitionedCall" in tensor_name or re.fullmatch(r"Identity(_\d+)?(:\d+)?", tensor_name)
-        ):
-            return output_layer  # the signature renames the model's output tensor
+        if tensor_name in outputs:
+            return outputs[tensor_name]
         for part in reversed(tensor_name.split(";")):
             for scope in part.split("/")[1:-1] or part.split("/")[:1]:
                 if scope in names:
@@ -357,70 +389,66 @@ def _layer_resolver(model):
 # Representative data
 
 
-def _iter_raw(data):
-    if isinstance(data, np.ndarray):
+def _is_batch(data, k):
+    """Whether `data` is itself one batch of inputs (for a `k`-input model), not an iterable of them."""
+    if _structure.is_array(data) or isinstance(data, dict):
+        return True
+    if not isinstance(data, (list, tuple)) or not data:
+        return False
+    if k > 1 and all(_structure.is_array(v) for v in data):
+        return True  # one array per input
+    head = data[0]  # Keras' `(x, y)`: x an array, a dict, or (k > 1) a list of one array per input
+    return isinstance(data, tuple) and (isinstance(head, dict) or (
+        _structure.is_array(head) if k == 1 else isinstance(head, (list, tuple))))
+
+
+def _iter_raw(data, k):
+    if _is_batch(data, k):
         yield data
         return
     tf_data = None
     with contextlib.suppress(ImportError):
         tf_data = _tf().data.Dataset
     if tf_data is not None and isinstance(data, tf_data):
-        for el in data.as_numpy_iterator():
-            yield el
+        yield from data.as_numpy_iterator()
         return
     if callable(data) and not hasattr(data, "__next__"):
         data = data()
-    if isinstance(data, tuple) and data and isinstance(data[0], np.ndarray):  # (x, y) like `fit`'s arguments
-        yield data[0]
-        return
+        if _is_batch(data, k):
+            yield data
+            return
     try:
         it = iter(data)
     except TypeError:
         raise TypeError(
             "`representative_data` must be a numpy array, a tf.data.Dataset, or a generator / callable yielding "
-            f"arrays. Received: representative_data of type {type(data).__name__}"
+            "arrays; for a model with several inputs, a list or a dict of arrays (one per input) or any of those "
+            f"yielding them. Received: representative_data of type {type(data).__name__}"
         ) from None
     yield from it
 
 
-def _first_input(el):
-    if isinstance(el, dict):
-        el = next(iter(el.values()))
-    while isinstance(el, (list, tuple)):  # TF's `[x]` convention and Keras' `(x, y)` both put x first
+def _inputs_of(el, k):
+    """The model inputs in one element: without Keras' `(x, y)` targets or TF's `[x]` wrapping."""
+    while isinstance(el, (list, tuple)):
         if not el:
             raise ValueError("`representative_data` yielded an empty list. Received: representative_data=[]")
+        if k > 1 and not isinstance(el[0], (list, tuple, dict)):
+            return el  # one array per input
         el = el[0]
     return el
 
 
-def _samples(data, input_shape, input_dtype, max_samples):
-    """Up to `max_samples` validated float samples (N, *input_shape[1:]) from any supported source."""
-    feature = None if input_shape is None else tuple(input_shape[1:])
-    want = np.dtype(input_dtype)
+def _samples(data, specs, max_samples):
+    """Up to `max_samples` validated samples of every input, {name: (N, ...) array}, from any supported source."""
     chunks, n = [], 0
-    for el in _iter_raw(data):
-        x = _first_input(el)
-        if hasattr(x, "numpy"):
-            x = x.numpy()
-        x = np.asarray(x)
-        if feature is None:  # no known model input (subclassed model): batch-first samples define it
-            feature = tuple(x.shape[1:])
-            input_shape = (None,) + feature
-        if x.dtype.kind not in "fiu" or (want.kind == "f" and x.dtype.kind != "f"):
-            raise ValueError(
-                f"`representative_data` must hold {want.name} values like the model input, not {x.dtype}. Cast it "
-                f"(and scale it exactly as the model expects), e.g. `x.astype('float32') / 255`. "
-                f"Received: representative_data.dtype={x.dtype}"
-            )
-        if x.ndim == len(feature):
-            x = x[None]
-        if x.ndim != len(feature) + 1 or any(f is not None and f != s for f, s in zip(feature, x.shape[1:])):
-            raise ValueError(
-                f"`representative_data` samples must have shape (batch, {', '.join(str(f) for f in feature)}) to "
-                f"match the model input {tuple(input_shape)}. Received: representative_data.shape={x.shape}"
-            )
-        chunks.append(x[: max_samples - n])
-        n += len(chunks[-1])
+    for el in _iter_raw(data, len(specs)):
+        x = _structure.named_arrays(_inputs_of(el, len(specs)), specs, "representative_data", exact_dtype=True)
+        if specs[0].shape is None:  # no known model input (subclassed model): batch-first samples define it
+            specs = [s._replace(shape=(None,) + x[s.name].shape[1:]) for s in specs]
+        take = min(len(x[specs[0].name]), max_samples - n)
+        chunks.append({name: v[:take] for name, v in x.items()})
+        n += take
         if n >= max_samples:
             break
     if n == 0:
@@ -428,21 +456,17 @@ def _samples(data, input_shape, input_dtype, max_samples):
             "`representative_data` is empty: int8 calibration needs samples of real inputs (a few hundred is "
             "plenty). Received: representative_data with 0 samples"
         )
-    x = np.concatenate(chunks).astype(want if want.kind == "f" else np.float32, copy=False)
-    if len({c.shape[1:] for c in chunks}) > 1:
-        raise ValueError(
-            "`representative_data` samples must all have the same shape. Received: shapes "
-            f"{sorted({c.shape[1:] for c in chunks})}"
-        )
-    finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
-    if not finite.all():
-        bad = np.flatnonzero(~finite)
-        raise ValueError(
-            f"`representative_data` contains NaN or inf in {len(bad)} sample(s) (first: index {bad[0]}). Remove or "
-            f"fix them: calibration ranges would be meaningless. Received: representative_data with {len(bad)} "
-            "non-finite samples"
-        )
-    return x
+    samples = {}
+    for s in specs:
+        shapes = sorted({c[s.name].shape[1:] for c in chunks})
+        if len(shapes) > 1:
+            raise ValueError(
+                f"`representative_data` samples must all have the same shape (input {s.name!r}). Received: shapes "
+                f"{shapes}"
+            )
+        samples[s.name] = np.concatenate([c[s.name] for c in chunks])
+    _structure.check_finite(samples, "representative_data", "calibration ranges would be meaningless")
+    return samples
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,27 +480,50 @@ def _has_fake_quant(graph_def):
     return bool(ops.intersection(_FAKE_QUANT_OPS))
 
 
-def _trace_keras(model, shape, dtype, name):
-    """`model(x, training=False)` traced on a static batch-1 signature.
+def _tensor_names(specs):
+    """{TF tensor name: input name}: the input names as far as TF allows ([A-Za-z0-9_.], no leading _)."""
+    names = [re.sub(r"[^A-Za-z0-9_.]", "_", s.name) for s in specs]
+    return {n if n[:1].isalnum() else f"input{n}": s.name for n, s in zip(names, specs)}
 
-    Returns (concrete function, the `ExportArchive` that tracks the model's variables, graph_def). The
-    converter reads the variables through the archive (`from_concrete_functions(..., archive)`), so
-    no SavedModel is written and read back: that round trip is most of `from_keras_model`'s time.
-    (Passing the Keras 3 model itself as `trackable_obj` is the trap that loses the weights.)
+
+def _tensor_specs(specs):
+    """Static batch-1 `tf.TensorSpec`s named like the inputs (see `_tensor_names`)."""
+    tf = _tf()
+    return [tf.TensorSpec((1,) + tuple(s.shape[1:]), s.dtype, name=n) for n, s in zip(_tensor_names(specs), specs)]
+
+
+def _trace_keras(model, kind, specs):
+    """`model(x, training=False)` traced on static batch-1 signatures, `x` in the model's input structure.
+
+    Returns (concrete function, the `ExportArchive` that tracks the model's variables, graph_def,
+    outputs, order): outputs is (kind, names, dtypes) in the function's flat output order, which is
+    the order of the converted model's outputs; order lists the input names in the function's
+    argument order, which calibration lists follow. The converter reads the variables through the archive
+    (`from_concrete_functions(..., archive)`), so no SavedModel is written and read back: that round
+    trip is most of `from_keras_model`'s time. (Passing the Keras 3 model itself as `trackable_obj`
+    is the trap that loses the weights.)
     """
     import keras
 
     tf = _tf()
-    spec = tf.TensorSpec((1,) + tuple(shape[1:]), dtype, name=re.sub(r"\W", "_", name or "input"))
+    tensor_specs = _tensor_specs(specs)
+    arg = {s.name: t for s, t in zip(specs, tensor_specs)} if kind == "dict" else (
+        tensor_specs if kind == "list" else tensor_specs[0])
     archive = keras.export.ExportArchive()
     archive.track(model)
-    fn = archive.add_endpoint("serve", functools.partial(model.__call__, training=False), [spec])
+    fn = archive.add_endpoint("serve", functools.partial(model.__call__, training=False), [arg])
     concrete = fn.get_concrete_function()
-    return concrete, archive, concrete.graph.as_graph_def()
+    out_kind, out_names = _structure.outputs_of(concrete.structured_outputs, getattr(model, "output_names", None))
+    dtypes = [t.dtype.name for t in tf.nest.flatten(concrete.structured_outputs)]
+    names = _tensor_names(specs)
+    order = [names.get(t.name.split(":")[0]) for t in concrete.inputs if t.dtype != tf.resource]
+    if sorted(map(str, order)) != sorted(names.values()):
+        order = [s.name for s in specs]  # TF renamed a placeholder: it keeps the flat order
+    return concrete, archive, concrete.graph.as_graph_def(), (out_kind, out_names, dtypes), order
 
 
-def _export_saved_model(path, directory, shape_override):
-    """Re-exports a SavedModel's serving signature with a static batch 1; returns (shape, dtype, graph_def)."""
+def _load_saved_model(path):
+    """(the loaded SavedModel, its serving signature, [Spec] of the signature's inputs by sorted name)."""
     tf = _tf()
     loaded = tf.saved_model.load(path)
     sigs = getattr(loaded, "signatures", {})
@@ -487,32 +534,27 @@ def _export_saved_model(path, directory, shape_override):
         )
     sig = sigs["serving_default"]
     specs = sig.structured_input_signature[1]
-    if len(specs) != 1:
-        raise ValueError(
-            f"`convert` handles single-input models; this SavedModel has {len(specs)} inputs. Received: model={path!r}"
-        )
-    key, spec = next(iter(specs.items()))
-    shape = tuple(spec.shape.as_list())
-    if shape_override is not None:
-        shape = (shape[0],) + tuple(shape_override[1:])
-    if any(d is None for d in shape[1:]):
-        raise ValueError(
-            f"The SavedModel input {key!r} has unknown dimensions {shape}: pass representative_data so the shape "
-            f"can be fixed. Received: model={path!r}"
-        )
-    static = tf.TensorSpec((1,) + shape[1:], spec.dtype, name=key)
+    return loaded, sig, [_structure.Spec(k, tuple(v.shape.as_list()), v.dtype.name) for k, v in sorted(specs.items())]
+
+
+def _export_saved_model(loaded, sig, directory, specs):
+    """Re-exports a SavedModel's serving signature with a static batch 1; returns (graph_def, outputs)."""
+    tf = _tf()
     module = tf.Module()
     module.loaded = loaded
+    names = [s.name for s in specs]
 
-    @tf.function(input_signature=[static], autograph=False)
-    def serve(x):
-        return sig(**{key: x})
+    @tf.function(input_signature=_tensor_specs(specs), autograph=False)
+    def serve(*args):
+        return sig(**dict(zip(names, args)))
 
     tf.saved_model.save(module, directory, signatures={"serving_default": serve})
-    return shape, spec.dtype.name, serve.get_concrete_function().graph.as_graph_def()
+    outputs = sig.structured_outputs
+    return serve.get_concrete_function().graph.as_graph_def(), (
+        "dict", sorted(outputs), [outputs[k].dtype.name for k in sorted(outputs)])
 
 
-def _configure(converter, mode, io_dtype, qat, samples, quiet):
+def _configure(converter, mode, io_dtype, qat, rep_dataset):
     tf = _tf()
     io = {"int8": tf.int8, "uint8": tf.uint8, "int16": tf.int16, "float32": tf.float32}[io_dtype]
     if mode == "float32":
@@ -523,11 +565,12 @@ def _configure(converter, mode, io_dtype, qat, samples, quiet):
         return
     if mode == "dynamic":
         return
+    # The converter sets these on float inputs and outputs only: integer ones (token ids) stay integer.
     converter.inference_input_type = io
     converter.inference_output_type = io
     if mode == "int8" and qat:
         return  # not TFLITE_BUILTINS_INT8: that demands a representative dataset even for QAT graphs
-    converter.representative_dataset = _rep_dataset(samples, quiet)
+    converter.representative_dataset = rep_dataset
     converter.target_spec.supported_ops = [
         tf.lite.OpsSet.TFLITE_BUILTINS_INT8
         if mode == "int8"
@@ -535,27 +578,34 @@ def _configure(converter, mode, io_dtype, qat, samples, quiet):
     ]
 
 
-def _rep_dataset(samples, quiet):
+def _rep_dataset(samples, order, quiet):
+    """The calibration generator, one sample at a time: a list in `order` (the traced function's inputs),
+    or with `order=None` a dict by input name (a SavedModel's signature)."""
+
     def gen():
         import keras
 
-        bar = None if quiet else keras.utils.Progbar(len(samples), unit_name="sample")
-        for i, s in enumerate(samples):
-            yield [s[None]]
+        n = len(next(iter(samples.values())))
+        bar = None if quiet else keras.utils.Progbar(n, unit_name="sample")
+        for i in range(n):
+            if order is None:
+                yield {name: x[i : i + 1] for name, x in samples.items()}
+            else:
+                yield [samples[name][i : i + 1] for name in order]
             if bar is not None:
                 bar.update(i + 1)
 
     return gen
 
 
-def _run_converter(source, mode, io_dtype, qat, samples, quiet):
+def _run_converter(source, mode, io_dtype, qat, rep_dataset):
     """Converts `source`: a SavedModel directory, or (concrete function, trackable) from `_trace_keras`."""
     tf = _tf()
     if isinstance(source, tuple):
         converter = tf.lite.TFLiteConverter.from_concrete_functions([source[0]], source[1])
     else:
         converter = tf.lite.TFLiteConverter.from_saved_model(source)
-    _configure(converter, mode, io_dtype, qat, samples, quiet)
+    _configure(converter, mode, io_dtype, qat, rep_dataset)
     try:
         return converter.convert()
     except Exception as e:
@@ -568,12 +618,51 @@ def _run_converter(source, mode, io_dtype, qat, samples, quiet):
         ) from e
 
 
+def _with_names(content, input_kind, specs, outputs):
+    """`content` with the model's names on its I/O tensors, a signature and the `tfopt_io` metadata."""
+    fm = _flatbuffer.parse(content)
+    sg = fm.subgraphs[0]
+    out_kind, out_names, _ = outputs
+    in_names = [s.name for s in specs]
+    sig = fm.signatures.get("serving_default")
+    spec_names = _tensor_names(specs)
+    if sig is not None:  # from a SavedModel: its signature names the tensors
+        by_index = [{i: n for n, i in m.items()} for m in sig[1:]]
+        sg_in = [spec_names.get(by_index[0].get(i)) for i in sg.inputs]
+        sg_out = [by_index[1].get(i) for i in sg.outputs]
+    else:  # traced: the inputs carry their TensorSpec names, the outputs come in flat order
+        sg_in = [spec_names.get(sg.tensors[i].name) for i in sg.inputs]
+        sg_out = list(out_names)
+    if sorted(map(str, sg_in)) != sorted(in_names):
+        sg_in = in_names  # names lost on the way: the converter keeps the inputs in order
+    if sorted(map(str, sg_out)) != sorted(out_names):
+        sg_out = list(out_names)
+    meta = _structure.metadata((input_kind, in_names), (out_kind, out_names))
+    return _flatbuffer.with_io_names(content, sg_in, sg_out, {_structure.IO_METADATA: meta})
+
+
 # ---------------------------------------------------------------------------------------------
 # Verification
 
 
-def _verify(content, *, target, mode, io_dtype, layer):
-    """Problems with what the converter emitted (list of str; empty when it is what was asked)."""
+def _float_ops(sg, edge, layer):
+    """"NEG x5 (layer 'bert', e.g. tensor '.../embeddings_layer_norm/Neg')": the ops an integer graph runs
+    in float, with the layer and the first tensor of each (its name scope shows the sublayer)."""
+    found = {}
+    for op, _ in _analyze._float_leaks(sg, edge):
+        out = sg.tensors[op.outputs[0]].name if op.outputs else ""
+        found.setdefault(op.name, []).append((layer(out), out))
+    return [f"{name} x{len(hits)}" + (f" (layer {hits[0][0]!r}, e.g. tensor {hits[0][1]!r})" if hits[0][0] else "")
+            for name, hits in found.items()]
+
+
+def _verify(content, *, target, mode, io_dtype, layer, integer_io=()):
+    """Problems with what the converter emitted (list of str; empty when it is what was asked).
+
+    `integer_io`: names of the I/O tensors that are integers in Keras (token ids, masks): they must
+    stay unquantized integers, and in an integer graph the integer ops computed from them alone
+    (index arithmetic, comparisons into bool masks) are integer work, not float leaks.
+    """
     fm = _flatbuffer.parse(content)
     sg = fm.subgraphs[0]
     problems = []
@@ -584,7 +673,11 @@ def _verify(content, *, target, mode, io_dtype, layer):
     for kind, idxs in (("input", sg.inputs), ("output", sg.outputs)):
         for i in idxs:
             t = sg.tensors[i]
-            if t.dtype != io_dtype:
+            if t.name in integer_io:
+                if t.dtype in _analyze._FLOAT or t.quantized:
+                    problems.append(f"{kind} {t.name!r} is {t.dtype}{' (quantized)' * t.quantized}: an integer "
+                                    "Keras input or output must stay an unquantized integer")
+            elif t.dtype != io_dtype:
                 problems.append(f"{kind} {t.name!r} is {t.dtype}, asked for io_dtype={io_dtype!r}")
             sig = t.shape_signature or t.shape
             if kind == "input" and (not sig or sig[0] != 1):
@@ -597,8 +690,16 @@ def _verify(content, *, target, mode, io_dtype, layer):
     if mode in ("int8", "int16x8"):
         act = "int8" if mode == "int8" else "int16"
         edge = _analyze.io_edge_ops(sg)
+        float_ops = _float_ops(sg, edge, layer)
+        if float_ops:
+            problems.append(f"float ops in the integer graph: {', '.join(float_ops)}")
         edge_tensors = set(sg.inputs) | set(sg.outputs)
+        index = {i for i in sg.inputs if sg.tensors[i].name in integer_io}
         for op in sg.operators:
+            live = [t for t in op.inputs if t >= 0 and not sg.tensors[t].is_constant]
+            outs = [sg.tensors[t] for t in op.outputs]
+            if live and set(live) <= index and all(t.dtype not in _analyze._FLOAT and not t.quantized for t in outs):
+                index.update(op.outputs)
             if op.name in ("QUANTIZE", "DEQUANTIZE") and op.index not in edge:
                 src, out = sg.tensors[op.inputs[0]], sg.tensors[op.outputs[0]]
                 if op.name == "QUANTIZE" and src.dtype == out.dtype == act:
@@ -608,7 +709,7 @@ def _verify(content, *, target, mode, io_dtype, layer):
             op = sg.operators[i]
             edge_tensors.update(t for t in op.inputs + op.outputs if t not in sg.inputs and sg.tensors[t].dtype != act)
         for t in sg.tensors:
-            if t.index in edge_tensors or t.index < 0:
+            if t.index in edge_tensors or t.index in index or t.index < 0:
                 continue
             if t.is_constant:
                 ok = t.dtype in (("int8", "int32", "int64") if mode == "int8" else ("int8", "int16", "int32", "int64"))
@@ -619,14 +720,18 @@ def _verify(content, *, target, mode, io_dtype, layer):
     return problems
 
 
+def _head(samples, n):
+    return {name: x[:n] for name, x in samples.items()}
+
+
 def _sanity_run(content, samples, xnnpack=True):
     runner = _runtime.Runner(content, kernels="builtin")
-    y = runner.predict(samples)
+    ys = runner.predict_flat(samples)
     if xnnpack:
         # LiteRT's default CPU runtime: XNNPACK refuses quantization parameters the reference kernels accept
         # (e.g. a requantization scale >= 256), so a file that passes the builtin run can still fail on a phone.
         try:
-            _runtime.Runner(content, kernels="xnnpack").predict(samples[:1])
+            _runtime.Runner(content, kernels="xnnpack").predict_flat(_head(samples, 1))
         except (RuntimeError, ValueError) as err:
             raise ConversionError(
                 "The converted model runs on the reference kernels but LiteRT's default CPU runtime (XNNPACK) "
@@ -634,11 +739,13 @@ def _sanity_run(content, samples, xnnpack=True):
                 "e.g. a layer whose outputs are all zero). Check the model for dead layers or NaN/inf weights. "
                 f"Received: XNNPACK error {str(err).splitlines()[0][:200]!r}"
             ) from None
-    ys = y if isinstance(y, list) else [y]
-    if not all(np.all(np.isfinite(v)) for v in ys):
+    bad = [name for name, v in zip(runner.output_names, ys)
+           if v.dtype.kind == "f" and not np.all(np.isfinite(v))]
+    if bad:
         raise ConversionError(
-            "The converted model outputs NaN or inf on the calibration samples; the conversion lost the weights "
-            "or the model is numerically broken. Received: outputs with non-finite values"
+            "The converted model outputs NaN or inf on the calibration samples (output(s) "
+            f"{', '.join(map(repr, bad))}); the conversion lost the weights or the model is numerically broken. "
+            "Received: outputs with non-finite values"
         )
 
 
@@ -683,19 +790,25 @@ def convert(
         "micro": TensorFlow Lite Micro: int8; the model is run in TFLM (in a subprocess) on the
             calibration samples and must give LiteRT's outputs; `.arena_bytes` is the smallest arena.
 
-    Every result is verified: I/O dtypes as asked, static batch 1, and for `mode="int8"` every
-    tensor int8 (int32 bias), no QUANTIZE/DEQUANTIZE to or from float inside the graph (int8 -> int8
-    requantization is integer work and allowed).
+    Every result is verified: I/O dtypes as asked, static batch 1, every output finite on LiteRT, and
+    for `mode="int8"` every tensor int8 (int32 bias), no QUANTIZE/DEQUANTIZE to or from float inside
+    the graph (int8 -> int8 requantization is integer work and allowed). Integer inputs stay
+    unquantized integers, and the integer ops computed from them alone (e.g. a padding mask turned
+    into a bool) are allowed in an int8 graph; a float op anywhere is named in the error.
 
     Args:
         model: a Keras model, a path to a `.keras` file, or a SavedModel directory.
         target: "mobile" (default), "edgetpu" or "micro".
         mode: "int8" (default, full integer), "float16", "dynamic" (dynamic-range), "float32" or
             "int16x8" (int16 activations, int8 weights; mobile only).
-        representative_data: calibration inputs: a numpy array (N, ...), a `tf.data.Dataset`, or a
-            generator / callable yielding arrays (`x`, `[x]` or `(x, y)`; batched or single samples).
-        io_dtype: dtype of the model's inputs and outputs: "int8" (default for int8), "uint8",
-            "float32" (default for float modes and int16x8) or "int16" (int16x8).
+        representative_data: calibration inputs, as the model takes them: a numpy array (N, ...)
+            for a single input, a list/tuple of arrays (one per input, in input order) or a dict of
+            arrays keyed by input name; or a `tf.data.Dataset` or generator / callable yielding
+            those (also `[x]` or `(x, y)`; batched or single samples). Every input calibrates;
+            integer inputs (token ids, masks) take integers and are never quantized.
+        io_dtype: dtype of the model's float inputs and outputs: "int8" (default for int8), "uint8",
+            "float32" (default for float modes and int16x8) or "int16" (int16x8). Integer inputs
+            and outputs keep their own dtype (int32 token ids stay int32).
         strict: fail on anything short of the target (an unmapped Edge TPU op, a float op in an int8
             graph). With False the model is returned and the problems are warned about and reported.
         max_samples: calibration sample cap (default 300).
@@ -703,10 +816,13 @@ def convert(
 
     Returns:
         A `TFLiteModel` (`.content`, `.save(path)`, `.report`, `.predict(x)`, `.evaluate(x, y)`,
-        `.benchmark()`, `.save_c_array(stem)`).
+        `.benchmark()`, `.save_c_array(stem)`). Its I/O tensors carry the Keras input and output
+        names, and `.predict` answers in the Keras model's output structure.
 
     Raises:
-        ValueError: a bad argument or representative data, NaN weights, a path that is not a model.
+        ValueError: a bad argument, NaN weights, a path that is not a model, or representative data
+            that does not fit the model (an input missing or unknown, the wrong dtype, shape or list
+            length, inputs with different batch sizes); raised before anything is converted.
         ConversionError: (a ValueError) the converter failed or emitted something that is not what
             was asked; `EdgeTPUError` / `MicroError` for the target checks.
         FileNotFoundError: `model` is a path that does not exist.
@@ -717,47 +833,44 @@ def convert(
     Example:
         >>> tfl = tfopt.tflite_export.convert(model, target="edgetpu", representative_data=x_train[:300])
         >>> tfl.save("model_int8.tflite"); print(tfl.edgetpu)
+        >>> tfl = tfopt.tflite_export.convert(bert_classifier, mode="float16")  # int32 token_ids, padding_mask, ...
+        >>> tfl.predict({"token_ids": ids, "segment_ids": segments, "padding_mask": mask})
     """
     _check_backend()
     start = time.perf_counter()
     io_dtype = _check_args(target, mode, io_dtype, strict, max_samples)
     keras_model, saved_model_dir = _load_model(model)
-    layer = _layer_resolver(keras_model)
     qat = _qat
     if keras_model is not None:
         keras_model = _float32_twin(_strip_wrappers(keras_model))
         _check_weights(keras_model)
-        shape, dtype, name = _input_spec(keras_model, representative_data is not None)
+        kind, specs = _input_spec(keras_model, representative_data is not None)
         if qat is None:
             import tfopt
 
             qat = tfopt.is_quantized_model(keras_model)
+    else:
+        loaded, signature, specs = _load_saved_model(saved_model_dir)
+        kind = "dict"
+    # Everything about the inputs is checked here, before any file or folder is made.
     samples = None
+    if representative_data is not None:
+        samples = _samples(representative_data, specs, max_samples)
+        specs = [s._replace(shape=(None,) + samples[s.name].shape[1:]) for s in specs]
+    for s in specs:
+        if s.shape is None or any(d is None for d in s.shape[1:]):
+            raise ValueError(
+                f"The model input {s.name!r} has unknown dimensions {s.shape}: give `keras.Input` a full shape, or "
+                "pass representative_data so it can be fixed. Received: representative_data=None"
+            )
     tmp = tempfile.mkdtemp(prefix="tfopt-export-")
     try:
         if keras_model is not None:
-            if representative_data is not None:
-                samples = _samples(representative_data, shape, dtype, max_samples)
-                shape = shape or (None,) + samples.shape[1:]
-            elif any(d is None for d in shape[1:]):
-                raise ValueError(
-                    f"The model input has unknown dimensions {shape}: give `keras.Input` a full shape, or pass "
-                    "representative_data so it can be fixed. Received: representative_data=None"
-                )
-            if samples is not None:
-                shape = (shape[0],) + samples.shape[1:]
-            concrete, archive, graph_def = _trace_keras(keras_model, shape, dtype, name)
+            concrete, archive, graph_def, outputs, order = _trace_keras(keras_model, kind, specs)
             source = (concrete, archive)
         else:
-            if representative_data is not None:
-                import tensorflow as tf
-
-                spec = next(iter(tf.saved_model.load(saved_model_dir).signatures["serving_default"]
-                                 .structured_input_signature[1].values()))
-                samples = _samples(representative_data, tuple(spec.shape.as_list()), spec.dtype.name, max_samples)
-            shape, dtype, graph_def = _export_saved_model(
-                saved_model_dir, tmp, None if samples is None else (None,) + samples.shape[1:])
-            source = tmp
+            graph_def, outputs = _export_saved_model(loaded, signature, tmp, specs)
+            source, order = tmp, None
         if not qat and _qat is None:
             qat = _has_fake_quant(graph_def)  # hand-made fake-quant models, SavedModels
         if qat and mode != "int8":
@@ -771,11 +884,16 @@ def convert(
                 "calibrate the int8 ranges (e.g. representative_data=x_train[:300]), or train it with QAT first "
                 "(tfopt.quantize_model). Received: representative_data=None"
             )
-        content = _run_converter(source, mode, io_dtype, qat, samples, quiet)
+        rep = None if samples is None else _rep_dataset(samples, order, quiet)
+        content = _run_converter(source, mode, io_dtype, qat, rep)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    content = _with_names(content, kind, specs, outputs)
 
-    problems = _verify(content, target=target, mode=mode, io_dtype=io_dtype, layer=layer)
+    layer = _layer_resolver(keras_model, outputs[1])
+    integer_io = {s.name for s in specs if s.is_integer} | {
+        n for n, d in zip(outputs[1], outputs[2]) if np.dtype(d).kind in "iub"}
+    problems = _verify(content, target=target, mode=mode, io_dtype=io_dtype, layer=layer, integer_io=integer_io)
     if problems:
         message = (
             f"The converted model is not what target={target!r}, mode={mode!r} asked for: " + "; ".join(problems[:8])
@@ -788,8 +906,8 @@ def convert(
         warnings.warn(message, stacklevel=2)
 
     if samples is None:
-        samples = _random_samples(content)
-    _sanity_run(content, samples[:4], xnnpack=target != "micro")
+        samples = _runtime.random_samples(content, MICRO_CHECK_SAMPLES)
+    _sanity_run(content, _head(samples, 4), xnnpack=target != "micro")
 
     edgetpu_report = micro_result = None
     if target == "edgetpu":
@@ -803,7 +921,7 @@ def convert(
             warnings.warn(str(err), stacklevel=2)
     elif target == "micro":
         _micro.check_ops(content, layer)
-        micro_result = _micro.run_micro(content, samples[:MICRO_CHECK_SAMPLES])
+        micro_result = _micro.run_micro(content, _head(samples, MICRO_CHECK_SAMPLES))
         if not micro_result.identical:
             raise MicroError(
                 f"TFLite Micro's outputs differ from LiteRT's reference kernels by up to {micro_result.max_diff:g} "
@@ -819,17 +937,3 @@ def convert(
         micro=micro_result,
         conversion_seconds=time.perf_counter() - start,
     )
-
-
-def _random_samples(content, n=MICRO_CHECK_SAMPLES):
-    """Float samples spanning the input's quantized range (QAT models convert without data)."""
-    it = _runtime.make_interpreter(content, kernels="builtin")
-    d = it.get_input_details()[0]
-    rng = np.random.default_rng(0)
-    dtype = np.dtype(d["dtype"])
-    shape = (n,) + tuple(int(s) for s in d["shape"][1:])
-    if dtype.kind == "f":
-        return rng.random(shape, np.float32)
-    info = np.iinfo(dtype)
-    q = rng.integers(info.min, info.max + 1, shape)
-    return _runtime.dequantize(q, d)

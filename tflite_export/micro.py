@@ -65,7 +65,12 @@ def check_ops(tflite, layer_name=None):
 
 
 def run_micro(tflite, samples, *, timeout=600):
-    """Runs `samples` (float, batch first) in TFLM and LiteRT reference kernels, in a subprocess.
+    """Runs `samples` in TFLM and LiteRT reference kernels, in a subprocess.
+
+    Args:
+        tflite: bytes, a path or a `TFLiteModel`.
+        samples: float inputs, batch first, as `TFLiteModel.predict` takes them (an array, a list in
+            input order or a dict by input name); each sample runs on its own (batch 1).
 
     Returns:
         A `MicroResult`.
@@ -73,22 +78,21 @@ def run_micro(tflite, samples, *, timeout=600):
     Raises:
         MicroError: TFLM cannot load or run the model, aborted, or its outputs differ from LiteRT's.
     """
-    from tfopt.tflite_export.runtime import make_interpreter, quantize
+    from tfopt.tflite_export.runtime import Runner, quantize
 
     content = _flatbuffer.read_bytes(tflite)
-    it = make_interpreter(content, kernels="builtin")
-    inputs = it.get_input_details()
-    if len(inputs) != 1:
-        raise MicroError(f"The TFLite Micro check handles single-input models. Received: {len(inputs)} inputs")
-    d = inputs[0]
-    shape = tuple(int(s) for s in d["shape"])
-    samples = np.asarray(samples, np.float32).reshape((-1,) + shape)
-    q = np.stack([quantize(s, d) for s in samples])
+    runner = Runner(content, kernels="builtin")
+    arrays = dict(zip((d["index"] for d in runner.inputs), runner.feeds(samples, "samples")))
+    # The worker sets TFLM's inputs by position: the subgraph's order, which get_input_details keeps.
+    inputs = {
+        f"input_{j}": quantize(arrays[d["index"]][:, None], d)
+        for j, d in enumerate(runner.interpreter.get_input_details())
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        model_path, in_path, out_path = (os.path.join(tmp, n) for n in ("m.tflite", "x.npy", "out.npz"))
+        model_path, in_path, out_path = (os.path.join(tmp, n) for n in ("m.tflite", "x.npz", "out.npz"))
         with open(model_path, "wb") as f:
             f.write(content)
-        np.save(in_path, q)
+        np.savez(in_path, **inputs)
         try:
             proc = subprocess.run(
                 [sys.executable, _WORKER, model_path, in_path, out_path],
@@ -104,7 +108,8 @@ def run_micro(tflite, samples, *, timeout=600):
             micro = [r[f"micro_{j}"] for j in range(n_out)]
             ref = [r[f"litert_{j}"] for j in range(n_out)]
     max_diff = max(float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) for a, b in zip(micro, ref))
-    return MicroResult(arena_bytes=arena, num_samples=len(q), max_diff=max_diff, identical=max_diff == 0)
+    n = len(inputs["input_0"])
+    return MicroResult(arena_bytes=arena, num_samples=n, max_diff=max_diff, identical=max_diff == 0)
 
 
 def _failure_message(proc):

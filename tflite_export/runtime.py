@@ -8,12 +8,13 @@ long tail). XNNPACK is LiteRT's default delegate, for int8 models too.
 
 import dataclasses
 import json
+import math
 import time
 
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-from tfopt.tflite_export import _flatbuffer
+from tfopt.tflite_export import _flatbuffer, _structure
 
 _RESOLVERS = {
     "xnnpack": OpResolverType.AUTO,
@@ -54,61 +55,113 @@ def quantize(x, detail):
 
 
 def dequantize(q, detail):
-    """Stored dtype -> float32 for an I/O tensor."""
+    """Stored dtype -> float32 for a float or quantized I/O tensor; plain integers (ids) stay as they are."""
     scale, zp = _qparams(detail)
-    if np.dtype(detail["dtype"]).kind == "f" or scale == 0:
-        return np.asarray(q, np.float32)
+    kind = np.dtype(detail["dtype"]).kind
+    if kind == "f" or scale == 0:
+        return np.asarray(q, np.float32) if kind == "f" else np.asarray(q)
     return ((np.asarray(q, np.float32) - zp) * scale).astype(np.float32)
 
 
+def _is_plain_integer(detail):
+    """An integer I/O tensor without quantization: token ids, masks, an argmax. Fed and read as is."""
+    return np.dtype(detail["dtype"]).kind in "iub" and _qparams(detail)[0] == 0
+
+
+def _random_values(detail, shape, rng):
+    """Random inputs in a tensor's stored dtype: floats in [0, 1), quantized integers over their range, and
+    0 or 1 for plain integers (every vocabulary has ids 0 and 1; a mask is 0 or 1)."""
+    dtype = np.dtype(detail["dtype"])
+    if dtype.kind == "f":
+        return rng.random(shape, np.float32).astype(dtype)
+    if _is_plain_integer(detail):
+        return rng.integers(0, 2, shape).astype(dtype)
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max + 1, shape).astype(dtype)
+
+
 class Runner:
-    """Float in, float out over any batch size, on one LiteRT interpreter."""
+    """Model inputs in, outputs out (in the model's structure) over any batch size, on one LiteRT interpreter.
+
+    Attributes:
+        input_names, output_names: in the model's order (see `_structure`: the Keras order for files
+            `convert` made); `inputs` / `outputs`: the LiteRT tensor details in that order.
+        input_kind, output_kind: "single", "list" or "dict".
+    """
 
     def __init__(self, tflite, *, threads=1, kernels="xnnpack"):
-        self.interpreter = make_interpreter(tflite, threads=threads, kernels=kernels)
-        self.inputs = self.interpreter.get_input_details()
-        self.outputs = self.interpreter.get_output_details()
+        content = _flatbuffer.read_bytes(tflite)
+        self.interpreter = make_interpreter(content, threads=threads, kernels=kernels)
+        (self.input_kind, ins), (self.output_kind, outs) = _structure.file_io(_flatbuffer.parse(content))
+        self.input_names, self._input_order = [n for n, _ in ins], [i for _, i in ins]
+        self.output_names, self._output_order = [n for n, _ in outs], [i for _, i in outs]
+        self._refresh()
 
-    def _input_shape(self, i):
-        return tuple(int(d) for d in self.inputs[i]["shape"])
+    def _refresh(self):
+        def ordered(details, order):
+            by_index = {d["index"]: d for d in details}
+            return [by_index[i] for i in order]
+
+        self.inputs = ordered(self.interpreter.get_input_details(), self._input_order)
+        self.outputs = ordered(self.interpreter.get_output_details(), self._output_order)
+
+    @property
+    def specs(self):
+        """A `_structure.Spec` per input: floats for float and quantized inputs, plain integers as stored."""
+        return [
+            _structure.Spec(name, (None,) + tuple(int(s) for s in d["shape"][1:]),
+                            np.dtype(d["dtype"]).name if _is_plain_integer(d) else "float32")
+            for name, d in zip(self.input_names, self.inputs)
+        ]
+
+    def feeds(self, x, arg="x"):
+        """The arrays of `x` (array, list in input order, or dict by name), checked, in input order."""
+        return list(_structure.named_arrays(x, self.specs, arg).values())
 
     def predict(self, x):
-        xs = list(x) if isinstance(x, (list, tuple)) else [x]
-        if len(xs) != len(self.inputs):
-            raise ValueError(
-                f"The model has {len(self.inputs)} input(s); pass one array per input. Received: {len(xs)} array(s)"
-            )
-        xs = [np.asarray(a) for a in xs]
-        for i, a in enumerate(xs):
-            want = self._input_shape(i)[1:]
-            if a.ndim == len(want):  # a single sample without its batch axis
-                xs[i] = a = a[None]
-            if tuple(a.shape[1:]) != want:
-                raise ValueError(
-                    f"Input {i} must have shape (batch, {', '.join(map(str, want))}) to match the model input "
-                    f"{self.inputs[i]['name']!r}. Received: x.shape={a.shape}"
-                )
+        """Outputs for `x` in the model's structure: one array, a list, or a dict by output name."""
+        return _structure.pack(self.output_kind, self.output_names, self.predict_flat(x))
+
+    def predict_flat(self, x):
+        """The outputs for `x` as a list, in `output_names` order."""
+        xs = self.feeds(x)
         n = xs[0].shape[0]
-        static = int(self.inputs[0]["shape_signature"][0]) if len(self.inputs[0]["shape_signature"]) else 1
+        sig = self.inputs[0]["shape_signature"]
+        static = int(sig[0]) if len(sig) else 1
         step = static if static > 0 else n
-        if static <= 0 and n and tuple(self._input_shape(0))[0] != n:
-            for i, a in enumerate(xs):
-                self.interpreter.resize_tensor_input(self.inputs[i]["index"], a.shape, strict=False)
+        if static <= 0 and n and int(self.inputs[0]["shape"][0]) != n:
+            for d, a in zip(self.inputs, xs):
+                self.interpreter.resize_tensor_input(d["index"], a.shape, strict=False)
             self.interpreter.allocate_tensors()
-            self.inputs = self.interpreter.get_input_details()
-            self.outputs = self.interpreter.get_output_details()
+            self._refresh()
         results = [[] for _ in self.outputs]
         for start in range(0, n, max(step, 1)):
-            for i, a in enumerate(xs):
+            for d, a in zip(self.inputs, xs):
                 chunk = a[start : start + step]
                 if chunk.shape[0] < step:  # pad the last partial batch of a static batch > 1
                     chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - chunk.shape[0], 0)])
-                self.interpreter.set_tensor(self.inputs[i]["index"], quantize(chunk, self.inputs[i]))
+                self.interpreter.set_tensor(d["index"], quantize(chunk, d))
             self.interpreter.invoke()
             for j, d in enumerate(self.outputs):
                 results[j].append(dequantize(self.interpreter.get_tensor(d["index"]), d))
-        outs = [np.concatenate(r)[:n] if r else np.zeros((0,)) for r in results]
-        return outs[0] if len(outs) == 1 else outs
+        return [np.concatenate(r)[:n] if r else np.zeros((0,)) for r in results]
+
+    def evaluate(self, x, y):
+        """Accuracy per output: a float for one output, else {output name: accuracy} for the outputs `y` labels."""
+        outs, names = self.predict_flat(x), self.output_names
+        if isinstance(y, dict) and y:
+            _structure.check_keys(y, names, "y", what="output", subset=True)
+            result = {n: accuracy(outs[names.index(n)], y[n]) for n in y}
+            return result if len(outs) > 1 else result[names[0]]
+        if len(outs) == 1:
+            return accuracy(outs[0], y)
+        if not isinstance(y, (list, tuple)) or len(y) != len(names):
+            raise ValueError(
+                f"The model has {len(names)} outputs ({', '.join(map(repr, names))}): `y` must hold one label array "
+                "per output in that order, or a dict of labels keyed by output name (outputs without labels, e.g. "
+                f"regression heads, left out). Received: y of type {type(y).__name__}"
+            )
+        return {n: accuracy(o, labels) for n, o, labels in zip(names, outs, y)}
 
 
 def accuracy(pred, y):
@@ -150,13 +203,15 @@ class Latency:
 def _random_inputs(it):
     rng = np.random.default_rng(0)
     for d in it.get_input_details():
-        dtype = np.dtype(d["dtype"])
-        if dtype.kind == "f":
-            v = rng.random(d["shape"], np.float32).astype(dtype)
-        else:
-            info = np.iinfo(dtype)
-            v = rng.integers(max(info.min, -128), min(info.max, 127) + 1, d["shape"]).astype(dtype)
-        it.set_tensor(d["index"], v)
+        it.set_tensor(d["index"], _random_values(d, d["shape"], rng))
+
+
+def random_samples(tflite, n):
+    """`n` random samples per input, {input name: batch-first array} as `Runner.predict` takes them."""
+    runner = Runner(tflite, kernels="builtin")
+    rng = np.random.default_rng(0)
+    return {name: dequantize(_random_values(d, (n, *d["shape"][1:]), rng), d)
+            for name, d in zip(runner.input_names, runner.inputs)}
 
 
 def _stats(ns, threads, kernels):
@@ -235,7 +290,12 @@ def compare_latency(float_tflite, int8_tflite, *, runs=100, warmup=10, threads=1
 
 @dataclasses.dataclass
 class Comparison:
-    """Keras vs TFLite on the same inputs (see `compare`)."""
+    """Keras vs TFLite on the same inputs (see `compare`).
+
+    With several outputs the fields are the worst over them (lowest agreement, largest errors; the
+    scale of the output with the largest error in steps) and `outputs` holds one `Comparison` per
+    output name; with one output `outputs` is None.
+    """
 
     num_samples: int
     top1_agreement: float
@@ -243,6 +303,7 @@ class Comparison:
     output_scale: float
     max_error_steps: float
     p99_error_steps: float
+    outputs: dict = None
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -251,24 +312,27 @@ class Comparison:
         return json.dumps(self.to_dict(), indent=2)
 
 
-def output_scale(tflite):
-    """The quantization step of the (first) output: its own scale, or that of the int8 tensor its
-    DEQUANTIZE reads for float outputs. None for a float graph."""
+def output_scale(tflite, index=None):
+    """The quantization step of an output: its own scale, or that of the int8 tensor its DEQUANTIZE
+    reads for float outputs. None for a float graph. `index`: the output's tensor index (default:
+    the first output)."""
     fm = _flatbuffer.parse(tflite)
     sg = fm.subgraphs[0]
-    t = sg.tensors[sg.outputs[0]]
+    index = sg.outputs[0] if index is None else index
+    t = sg.tensors[index]
     if t.quantized and t.dtype not in ("float32", "float16"):
         return float(t.scales[0])
     for op in sg.operators:
-        if op.name == "DEQUANTIZE" and sg.outputs[0] in op.outputs:
+        if op.name == "DEQUANTIZE" and index in op.outputs:
             src = sg.tensors[op.inputs[0]]
             if src.quantized:
                 return float(src.scales[0])
     return None
 
 
-def _check_compare_args(keras_model, x):
-    """`x` as float32, after the checks `predict` would otherwise fail on deep inside Keras."""
+def _check_compare_args(keras_model, x, runner):
+    """(Keras input kind, {name: array}) for `x`, after the checks `predict` would otherwise fail on deep
+    inside Keras."""
     import keras
 
     if not isinstance(keras_model, keras.Model):
@@ -276,69 +340,104 @@ def _check_compare_args(keras_model, x):
             "`keras_model` must be the keras Model the .tflite was converted from (load a file with "
             f"`keras.saving.load_model(path)`). Received: keras_model={keras_model!r} of type {type(keras_model).__name__}"
         )
-    try:
-        x = np.asarray(x, np.float32)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"`x` must be a numeric array of model inputs, batch first. Received: x of type {type(x).__name__}"
-        ) from None
-    if x.ndim == 0 or len(x) == 0:
-        raise ValueError(f"`x` must hold at least one input sample, batch first. Received: x with 0 samples, shape={x.shape}")
-    try:
-        inputs = keras_model.inputs
-    except (AttributeError, ValueError):  # a subclassed model: no known input shape to check against
-        inputs = None
-    if inputs and len(inputs) == 1:
-        want = tuple(inputs[0].shape[1:])
-        if x.ndim != len(want) + 1 or any(w is not None and w != d for w, d in zip(want, x.shape[1:])):
-            raise ValueError(
-                f"`x` must have shape (batch, {', '.join(str(d) for d in want)}) like the model input {want}. "
-                f"Received: x.shape={x.shape}"
-            )
-    if not np.isfinite(x).all():
+    # A subclassed model has no known inputs to check against: the .tflite's name, any shape.
+    subclassed = ("single", [_structure.Spec(runner.input_names[0], None, "float32")])
+    kind, specs = _structure.keras_inputs(keras_model) or subclassed
+    named = _structure.named_arrays(x, specs, "x", non_numeric=TypeError)
+    first = next(iter(named.values()))
+    if first.ndim == 0 or len(first) == 0:
         raise ValueError(
-            f"`x` contains NaN or inf in {int((~np.isfinite(x.reshape(len(x), -1))).any(axis=1).sum())} sample(s): "
-            f"outputs on them cannot be compared. Remove or fix them. Received: x with non-finite values"
+            f"`x` must hold at least one input sample, batch first. Received: x with 0 samples, shape={first.shape}"
         )
-    return x
+    _structure.check_finite(named, "x", "outputs on them cannot be compared")
+    return kind, named
+
+
+def _compare_one(got, ref, scale):
+    ref = ref.reshape(got.shape)
+    err = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+    steps = err / scale if scale else np.full_like(err, np.nan)
+    flat_got, flat_ref = got.reshape(len(got), -1), ref.reshape(len(ref), -1)
+    top1 = float(np.mean(flat_got.argmax(-1) == flat_ref.argmax(-1))) if flat_got.shape[1] > 1 else float(
+        np.mean((flat_got > 0.5) == (flat_ref > 0.5)))
+    return Comparison(
+        num_samples=int(len(got)),
+        top1_agreement=top1,
+        max_abs_error=float(err.max()) if err.size else 0.0,
+        output_scale=float(scale) if scale else float("nan"),
+        max_error_steps=float(np.max(steps)) if steps.size else 0.0,
+        p99_error_steps=float(np.percentile(steps, 99)) if steps.size else 0.0,
+    )
+
+
+def _worst(values):
+    known = [v for v in values if not math.isnan(v)]
+    return max(known) if known else float("nan")
 
 
 def compare(keras_model, tflite, x, *, batch_size=32):
     """Top-1 agreement and error, in output quantization steps, of a `.tflite` vs its Keras model.
 
     The error in steps is |dequant(tflite) - keras| / output_scale: 1 step is the rounding of the
-    output alone, so an int8 model that matches within ~1 step is as good as int8 can be.
+    output alone, so an int8 model that matches within ~1 step is as good as int8 can be. Every
+    output is compared, each against its own scale; outputs are matched by name where the `.tflite`
+    carries the Keras names (`convert` writes them), else by position.
 
     Args:
         keras_model: the float Keras model the `.tflite` was converted from.
         tflite: bytes, a path or a `TFLiteModel`.
-        x: a float numpy array of inputs (batch first).
+        x: the inputs, batch first, as the Keras model takes them: an array, a list of arrays in
+            input order, or a dict keyed by input name (integer inputs as integers).
+        batch_size: Keras' batch size.
 
     Returns:
         A `Comparison` (top1_agreement, max_abs_error, output_scale, max_error_steps, p99_error_steps;
-        the step fields are NaN for float models).
+        the step fields are NaN for float models). With several outputs: the worst over them, and
+        `.outputs[name]` for each.
 
     Example:
         >>> c = tfopt.tflite_export.compare(model, tfl, x_test[:200]); c.max_error_steps
+        >>> c = tfopt.tflite_export.compare(two_head_model, tfl, {"image": images, "meta": meta})
+        >>> c.outputs["cls"].top1_agreement
     """
-    x = _check_compare_args(keras_model, x)
-    ref = np.asarray(keras_model.predict(x, batch_size=batch_size, verbose=0))
-    got = Runner(tflite).predict(x)
-    if isinstance(got, list):
-        got = got[0]
-        ref = ref[0] if ref.ndim > got.ndim else ref
-    ref = ref.reshape(got.shape)
-    err = np.abs(got.astype(np.float64) - ref.astype(np.float64))
-    scale = output_scale(tflite)
-    steps = err / scale if scale else np.full_like(err, np.nan)
-    flat_got, flat_ref = got.reshape(len(got), -1), ref.reshape(len(ref), -1)
-    top1 = float(np.mean(flat_got.argmax(-1) == flat_ref.argmax(-1))) if flat_got.shape[1] > 1 else float(
-        np.mean((flat_got > 0.5) == (flat_ref > 0.5)))
+    content = _flatbuffer.read_bytes(tflite)
+    runner = Runner(content)
+    kind, named = _check_compare_args(keras_model, x, runner)
+    arrays = list(named.values())
+    ref = keras_model.predict(named if kind == "dict" else _structure.pack(kind, list(named), arrays),
+                              batch_size=batch_size, verbose=0)
+    same_names = sorted(runner.input_names) == sorted(named)
+    got = runner.predict_flat(named if same_names else arrays)
+    if isinstance(ref, dict):
+        ref_names, ref = sorted(ref), [ref[k] for k in sorted(ref)]
+    else:
+        ref = list(ref) if isinstance(ref, (list, tuple)) else [ref]
+        ref_names = list(getattr(keras_model, "output_names", None) or ())
+    ref = [np.asarray(r) for r in ref]
+    if len(ref) == 1 and len(got) == 1:
+        ref_by_name = {runner.output_names[0]: ref[0]}
+    elif sorted(ref_names) == sorted(runner.output_names):
+        ref_by_name = dict(zip(ref_names, ref))
+    elif len(ref) == len(got):
+        ref_by_name = dict(zip(runner.output_names, ref))
+    else:
+        raise ValueError(
+            f"The .tflite has {len(got)} output(s) and the Keras model {len(ref)}: `compare` needs the model the "
+            f"file was converted from. Received: keras_model={keras_model.name!r}"
+        )
+    parts = {
+        name: _compare_one(g, ref_by_name[name], output_scale(content, d["index"]))
+        for name, g, d in zip(runner.output_names, got, runner.outputs)
+    }
+    if len(parts) == 1:
+        return next(iter(parts.values()))
+    worst = max(parts.values(), key=lambda c: (_worst([c.max_error_steps, -1.0]), c.max_abs_error))
     return Comparison(
-        num_samples=int(len(x)),
-        top1_agreement=top1,
-        max_abs_error=float(err.max()) if err.size else 0.0,
-        output_scale=float(scale) if scale else float("nan"),
-        max_error_steps=float(np.max(steps)) if steps.size else 0.0,
-        p99_error_steps=float(np.percentile(steps, 99)) if steps.size else 0.0,
+        num_samples=len(arrays[0]),
+        top1_agreement=min(c.top1_agreement for c in parts.values()),
+        max_abs_error=max(c.max_abs_error for c in parts.values()),
+        output_scale=worst.output_scale,
+        max_error_steps=_worst(c.max_error_steps for c in parts.values()),
+        p99_error_steps=_worst(c.p99_error_steps for c in parts.values()),
+        outputs=parts,
     )
