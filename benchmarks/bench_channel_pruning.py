@@ -48,7 +48,7 @@ def _latency_section(args):
     import numpy as np
 
     from tfopt import tflite_export as te
-    from tfopt.channel_pruning import prune_channels
+    from tfopt.channel_pruning import channel_report, prune_channels
 
     alpha, size = (0.35, 96) if args.quick else (1.0, 224)
     keras.utils.set_random_seed(0)
@@ -60,7 +60,8 @@ def _latency_section(args):
         return te.convert(m, target="mobile", mode="int8", representative_data=samples, quiet=True)
 
     t0 = time.perf_counter()
-    pruned, report = prune_channels(model, ratio=RATIO, return_report=True)
+    pruned = prune_channels(model, ratio=RATIO)
+    report = channel_report(model, pruned)
     prune_s = time.perf_counter() - t0
     base_tfl, pruned_tfl = int8(model), int8(pruned)
     lat = te.compare_latency(base_tfl, pruned_tfl, runs=args.runs, warmup=20, threads=1, rounds=args.rounds)
@@ -92,10 +93,12 @@ def _latency_section(args):
         if ratio == RATIO:
             ref_model, ref_report = pruned, report
         else:
-            ref_model, ref_report = prune_channels(model, ratio=ratio, return_report=True)
+            ref_model = prune_channels(model, ratio=ratio)
+            ref_report = channel_report(model, ref_model)
         ref = pruned_tfl if ratio == RATIO else int8(ref_model)
         for round_to in (4, 8):
-            m, rep = prune_channels(model, ratio=ratio, round_to=round_to, return_report=True)
+            m = prune_channels(model, ratio=ratio, round_to=round_to)
+            rep = channel_report(model, m)
             r = te.compare_latency(ref, int8(m), runs=args.runs, warmup=20, threads=1, rounds=args.rounds)
             rounding.append({
                 "ratio": ratio,

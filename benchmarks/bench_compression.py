@@ -15,10 +15,8 @@ clustering:
     4. Seed 0 only, informative: cluster-preserving QAT. The stripped model
        goes through `tfopt.quantize_model`, 1 QAT epoch Adam(1e-4), int8
        conversion, and the distinct int8 values of each kernel (conv and
-       dense) in the file, three ways: `preserve_clusters=16` (centroids
-       trained by fixed indices, shared per-channel code grid), plain QAT
-       plus `tfopt.clustering.constrain_to_clusters(qat, 16)` (projection;
-       keeps Dense kernels only), and plain QAT.
+       dense) in the file, two ways: `preserve_clusters=16` (centroids
+       trained by fixed indices, shared per-channel code grid) and plain QAT.
     Targets: accuracy drop <= 1 point; float TFLite >= 3x smaller gzipped.
 
 low_rank:
@@ -174,21 +172,19 @@ def _int8_kernel_values(content):
 
 
 def _cqat(stripped, data, recipe):
-    """QAT of the stripped clustered model: cluster-preserving, with the centroid constraint, plain; int8 values per kernel."""
+    """QAT of the stripped clustered model: cluster-preserving and plain; int8 values per kernel."""
     from tfopt import tflite_export
 
     out = {}
-    for key in ("preserve_clusters", "constrained", "plain_qat"):
+    for key in ("preserve_clusters", "plain_qat"):
         keras.utils.set_random_seed(0)
         qat = tfopt.quantize_model(stripped, preserve_clusters=recipe.clusters if key == "preserve_clusters" else None)
-        paths = clustering.constrain_to_clusters(qat, recipe.clusters) if key == "constrained" else []
         seconds = _fit(qat, data, recipe, recipe.cqat_epochs, recipe.cqat_lr)
         int8 = tflite_export.convert(qat, target="mobile", mode="int8")
         _, (x_test, y_test) = data
         kernels = _int8_kernel_values(int8.content)
         conv = [k["distinct"] for k in kernels.values() if k["op"] != "FULLY_CONNECTED"]
         out[key] = {
-            "constrained_variables": paths,
             "int8_accuracy": float(int8.evaluate(x_test, y_test)),
             "kernels": kernels,
             "max_distinct_int8": max(k["distinct"] for k in kernels.values()),
@@ -275,7 +271,8 @@ def run_low_rank(seed, data, recipe):
     for scope, energy in points:
         keras.utils.set_random_seed(seed)
         filters = {"hidden": ["hidden"], "dense": _is_dense, "all_default": None}[scope]
-        new, report = low_rank.low_rank_factorize(model, energy=energy, filters=filters)
+        new = low_rank.low_rank_factorize(model, energy=energy, filters=filters)
+        report = low_rank.low_rank_report(model, new)
         acc0 = _accuracy(new, data)
         ft_s = _fit(new, data, recipe, recipe.low_rank_epochs, recipe.low_rank_lr)
         acc = _accuracy(new, data)

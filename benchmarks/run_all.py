@@ -52,7 +52,7 @@ def _pct(x):
 
 
 def _met(ok):
-    return "met" if ok else "**missed**"
+    return "reached" if ok else "**not reached**"
 
 
 def _recipe(lines):
@@ -115,7 +115,7 @@ def _recipe(lines):
         x = t["tfopt_int8_gzip_ratio_ge_12"]
         notes.append(f"int8 gzip >= 12x smaller than float: {x['mean']:.1f}x -> {_met(x['met_on_mean'])}")
     if notes:
-        lines.append("\nTargets: " + "; ".join(notes) + ".\n")
+        lines.append("\nGoals: " + "; ".join(notes) + ".\n")
 
 
 def _overhead(lines):
@@ -130,7 +130,7 @@ def _overhead(lines):
         f"{m['batch']}, {m['steps_per_block']}-step blocks interleaved over {m['rounds']} rounds; ratio to a plain `fit` step "
         "in the same round, median):\n"
     )
-    lines.append("| schedule | tfopt | TFMOT | target |")
+    lines.append("| schedule | tfopt | TFMOT | goal |")
     lines.append("|---|---|---|---|")
     rows = (
         ("freq100", "ConstantSparsity, frequency=100", 1.05),
@@ -142,7 +142,7 @@ def _overhead(lines):
         theirs = s.get("tfmot", {}).get("ratio", {}).get(key)
         if ours is None and theirs is None:
             continue
-        verdict = "no target" if target is None else f"<= {target}x ({'n/a' if ours is None else _met(ours <= target)})"
+        verdict = "no goal" if target is None else f"<= {target}x ({'n/a' if ours is None else _met(ours <= target)})"
         if target is not None and ours is not None and theirs is not None:
             verdict += f"; within 5% of TFMOT: {_met(ours / theirs - 1 <= 0.05)}"
         lines.append(
@@ -163,7 +163,7 @@ def _qat(lines):
                 f"| {r.get('label', name)} | {r.get('num_samples', 'n/a')} | {r['top1_agreement']:.2%} | "
                 f"{r['p99_error_steps']:.2f} | {r['max_error_steps']:.2f} |"
             )
-        lines.append("\nTarget: agreement >= 99.5% and p99 <= 1 step.\n")
+        lines.append("\nGoal: agreement >= 99.5% and p99 <= 1 step.\n")
     p = _load("qat_vs_ptq")
     if p:
         lines.append(f"**QAT vs post-training quantization** (`benchmarks/bench_qat.py ptq`; {p.get('model', 'a depthwise-separable CNN')}):\n")
@@ -178,7 +178,7 @@ def _qat(lines):
             verdict = "PTQ lost nothing here, so there was no drop to recover"
         else:
             verdict = _met(rec >= 0.5)
-        lines.append(f"\nTarget: QAT recovers at least half of the PTQ drop: {verdict}.\n")
+        lines.append(f"\nGoal: QAT recovers at least half of the PTQ drop: {verdict}.\n")
     t = _load("qat_steptime")
     if t:
         r = t["ratios"]["qat"]["median"]
@@ -186,7 +186,7 @@ def _qat(lines):
         lines.append(
             f"**QAT step time** (`benchmarks/bench_qat.py steptime`; MobileNetV2 alpha 0.35, 96x96, batch "
             f"{t.get('batch', 32)}, {t['steps_per_block']}-step blocks interleaved over {t['rounds']} rounds): "
-            f"{r:.2f}x a plain step (target <= 1.5x: {_met(r <= 1.5)}); TFMOT on tf_keras, same script and method: "
+            f"{r:.2f}x a plain step (goal <= 1.5x: {_met(r <= 1.5)}); TFMOT on tf_keras, same script and method: "
             f"{'n/a' if theirs is None else f'{theirs:.2f}x'}.\n"
         )
 
@@ -245,7 +245,6 @@ def _compression(lines):
                 "\nCluster-preserving QAT (seed 0; `quantize_model` of the stripped 16-cluster model, 1 QAT epoch), the "
                 "most distinct int8 values in one kernel of the exported file: "
                 f"`quantize_model(m, preserve_clusters=16)`: {both('preserve_clusters')}; "
-                f"the older `tfopt.clustering.constrain_to_clusters` projection: {both('constrained')}; "
                 f"plain QAT: {both('plain_qat')}.\n"
             )
         notes = [x for x in (
@@ -253,7 +252,7 @@ def _compression(lines):
             _target_note(t, "clustering_gzip_ratio_ge_3", "float TFLite gzip >= 3x smaller", "{:.2f}x"),
         ) if x]
         if notes:
-            lines.append("Targets: " + "; ".join(notes) + ".\n")
+            lines.append("Goals: " + "; ".join(notes) + ".\n")
     lr = d.get("low_rank")
     if lr:
         r, n = lr["recipe"], len(lr["runs"])
@@ -261,7 +260,7 @@ def _compression(lines):
             f"**Low-rank factorization** (`benchmarks/bench_compression.py low_rank`; Dense-heavy variant "
             f"`mnist_cnn(dense_units={r['dense_units']})`, float {r['float_epochs']} epochs "
             f"({_ms(lr['summary']['float_accuracy'], '{:.2%}', n)}), `low_rank_factorize`, then {r['low_rank_epochs']} "
-            f"epochs of fine-tuning at Adam({r['low_rank_lr']:g}); mean ± std of {n} seeds; the target is read at the "
+            f"epochs of fine-tuning at Adam({r['low_rank_lr']:g}); mean ± std of {n} seeds; the goal is read at the "
             f"recipe point, the hidden Dense layer at energy {r['recipe_energy']}):\n"
         )
         lines.append("| layers | energy | fewer parameters in factorized layers | accuracy before fine-tuning | accuracy after | drop (points) |")
@@ -285,7 +284,7 @@ def _compression(lines):
                 "(what the fine-tuning alone does)"
             )
         if notes:
-            lines.append("\nTargets: " + "; ".join(notes) + ".\n")
+            lines.append("\nGoals: " + "; ".join(notes) + ".\n")
     ds = d.get("distill")
     if ds:
         s, r, n = ds["summary"], ds["recipe"], len(ds["runs"])
@@ -304,7 +303,7 @@ def _compression(lines):
         )
         x = t.get("distill_beats_alone")
         if x:
-            lines.append(f"\nTarget: distilled beats alone on the mean of {n} seeds -> {_met(x['met_on_mean'])}.\n")
+            lines.append(f"\nGoal: distilled beats alone on the mean of {n} seeds -> {_met(x['met_on_mean'])}.\n")
 
 
 def _export(lines):
@@ -313,7 +312,7 @@ def _export(lines):
         return
     c, lat, an = d["conversion"], d["latency"], d["analysis"]
     lines.append("**Export** (`benchmarks/bench_export.py`; MobileNetV2 alpha 1.0, 224x224):\n")
-    lines.append("| figure | measured | target |")
+    lines.append("| figure | measured | goal |")
     lines.append("|---|---|---|")
     lines.append(f"| conversion time, tfopt / raw converter | {c['ratio_median']:.2f}x | <= {c['target']}x ({_met(c['ratio_median'] <= c['target'])}) |")
     lines.append(
@@ -335,7 +334,7 @@ def _channel_pruning(lines):
         return
     m, mn = d.get("mobilenet_v2"), d.get("mnist")
     lines.append("**Channel pruning** (`benchmarks/bench_channel_pruning.py`; `tfopt.prune_channels(model, ratio=0.5)`):\n")
-    lines.append("| figure | measured | target |")
+    lines.append("| figure | measured | goal |")
     lines.append("|---|---|---|")
     if m:
         lines.append(

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from tfopt.pruning import _pruned_wrappers
+from tfopt.pruning import pruned_wrappers
 
 
 def _tensorboard_writer(log_dir):
@@ -52,7 +52,7 @@ class PruningSummaries(keras.callbacks.Callback):
         self._batches = 0
 
     def on_train_begin(self, logs=None):
-        if not _pruned_wrappers(self.model):
+        if not pruned_wrappers(self.model):
             raise ValueError(
                 "PruningSummaries found no tfopt.PruneLowMagnitude layer in the model: there is no sparsity to "
                 "log. Wrap the model with `tfopt.prune_low_magnitude(model, ...)` before training, or drop this "
@@ -60,7 +60,7 @@ class PruningSummaries(keras.callbacks.Callback):
             )
 
     def _write(self):
-        wrappers = _pruned_wrappers(self.model)
+        wrappers = pruned_wrappers(self.model)
         if not wrappers:
             return
         step = int(ops.convert_to_numpy(wrappers[0].pruning_step))

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from tfopt.pruning import _pruned_wrappers
+from tfopt.pruning import pruned_wrappers
 
 
 class UpdatePruningStep(keras.callbacks.Callback):
@@ -46,7 +46,7 @@ class UpdatePruningStep(keras.callbacks.Callback):
         self._sizes = []
 
     def on_train_begin(self, logs=None):
-        self._wrappers = _pruned_wrappers(self.model)
+        self._wrappers = pruned_wrappers(self.model)
         if not self._wrappers:
             raise ValueError(
                 "UpdatePruningStep found no tfopt.PruneLowMagnitude layer in the model. Wrap the model "

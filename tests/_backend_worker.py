@@ -79,7 +79,7 @@ def run_pruning(out, x, y):
     pruned = compile_sgd(tfopt.prune_low_magnitude(float_model(), schedule))
     step_cb = callbacks.UpdatePruningStep()
     history = pruned.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0, callbacks=[step_cb])
-    for wrapper in tfopt.pruning._pruned_wrappers(pruned):
+    for wrapper in tfopt.pruning.pruned_wrappers(pruned):
         for w, mask, threshold in wrapper.pruned_weights:
             key = w.path.replace("/", ".")
             out[f"prune/mask/{key}"] = _np(mask)
@@ -118,7 +118,7 @@ def run_qat(out, x, y, out_dir, backend):
 def run_clustering(out, x, y):
     clustered = compile_sgd(tfopt.cluster_weights(float_model(), number_of_clusters=4, cluster_centroids_init="kmeans++"))
     clustered.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
-    for wrapper in tfopt.clustering._wrappers(clustered):
+    for wrapper in tfopt._wrappers.find(clustered, tfopt.ClusterWeights):
         for w, centroids, mask, indices in wrapper.clustered_variables:
             key = w.path.replace("/", ".")
             out[f"cluster/centroids/{key}"] = _np(centroids)

@@ -49,6 +49,10 @@ def test_analyze_a_file_tfopt_did_not_make(raw_int8, tmp_path):
     json.dumps(report.to_dict())
     text = str(report)
     assert "DEPTHWISE_CONV_2D" in text and "uint8" in text and "Dynamic shapes" in text
+    lines = text.splitlines()
+    header = lines.index("op                 version  count")  # the op table: numbers right-aligned
+    assert lines[header + 1] == "-----------------  -------  -----"
+    assert lines[header + 2 : header + 4] == ["QUANTIZE                 1      2", "CONV_2D                  3      1"]
 
 
 @pytest.mark.slow

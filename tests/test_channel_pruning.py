@@ -156,6 +156,12 @@ def mobilenet_v2():
     return keras.applications.MobileNetV2(alpha=0.35, input_shape=(96, 96, 3), weights=None)
 
 
+def _prune(model, **kwargs):
+    """`prune_channels` and its report, which holds the kept channels."""
+    pruned = prune_channels(model, **kwargs)
+    return pruned, channel_report(model, pruned)
+
+
 def _inputs(model, n=4, seed=0):
     rng = np.random.default_rng(seed)
     xs = [rng.random((n, *x.shape[1:]), dtype=np.float32) * 2 - 1 for x in model.inputs]
@@ -252,7 +258,7 @@ def test_pruned_equals_original_with_removed_channels_zeroed(build, expected):
     model = _randomize_bn(build())
     x = _inputs(model)
     before = weights_of(model)
-    pruned, report = prune_channels(model, ratio=0.5, return_report=True)
+    pruned, report = _prune(model, ratio=0.5)
     got = _channels(pruned)
     assert {k: got[k] for k in expected} == expected
     assert pruned.count_params() < model.count_params()
@@ -263,7 +269,7 @@ def test_pruned_equals_original_with_removed_channels_zeroed(build, expected):
 
 def test_flatten_dense_rows_are_sliced_with_the_channel_stride():
     model = flatten_dense()
-    pruned, report = prune_channels(model, ratio=0.5, return_report=True)
+    pruned, report = _prune(model, ratio=0.5)
     kept = report.kept["conv"]
     rows = np.flatnonzero(np.isin(np.arange(4 * 4 * 6) % 6, kept))  # channel of row p is p % channels
     expected = np.array(model.get_layer("hidden").kernel)[rows][:, report.kept["hidden"]]
@@ -276,7 +282,7 @@ def test_mobilenet_v2_groups_and_zeroed_equivalence():
     x = _inputs(model, n=2)
     before = weights_of(model)
     np.testing.assert_array_equal(_predict(prune_channels(model, 0.0), x), _predict(model, x))
-    pruned, report = prune_channels(model, ratio=0.5, return_report=True)
+    pruned, report = _prune(model, ratio=0.5)
     got, orig = _channels(pruned), _channels(model)
     # Inverted-residual Adds tie the project convs of a stage: they keep the same width.
     assert got["block_1_project"] == got["block_2_project"] == orig["block_2_project"] // 2
@@ -306,7 +312,7 @@ def test_norm_criteria_drop_the_smallest_filters(criterion):
     k = model.get_layer("conv_b").get_weights()
     k[0][..., [0, 2, 5, 7]] *= 1e-3  # small, not zero: l1 and l2 agree on them
     model.get_layer("conv_b").set_weights(k)
-    _, report = prune_channels(model, ratio=0.5, criterion=criterion, return_report=True)
+    _, report = _prune(model, ratio=0.5, criterion=criterion)
     np.testing.assert_array_equal(report.kept["conv_a"], [0, 2, 5, 7])
     np.testing.assert_array_equal(report.kept["conv_b"], [1, 3, 4, 6])
 
@@ -318,8 +324,8 @@ def test_l1_and_l2_can_disagree():
     k[0, 8:] = 5.0  # l1 = 5, l2 = 5
     fc1 = model.get_layer("fc1")
     fc1.set_weights([k, fc1.get_weights()[1]])
-    _, r1 = prune_channels(model, ratio=0.5, criterion="l1", return_report=True)
-    _, r2 = prune_channels(model, ratio=0.5, criterion="l2", return_report=True)
+    _, r1 = _prune(model, ratio=0.5, criterion="l1")
+    _, r2 = _prune(model, ratio=0.5, criterion="l2")
     np.testing.assert_array_equal(r1.kept["fc1"], np.arange(8))
     np.testing.assert_array_equal(r2.kept["fc1"], np.arange(8, 16))
 
@@ -329,10 +335,10 @@ def test_bn_gamma_criterion_keeps_the_largest_gammas():
     bn = model.get_layer("bn_a")
     gamma = np.array([0.1, 2.0, 0.2, 3.0, 0.3, 4.0, 0.4, 5.0], np.float32)
     bn.set_weights([gamma, *bn.get_weights()[1:]])
-    _, report = prune_channels(model, ratio=0.5, criterion="bn_gamma", return_report=True)
+    _, report = _prune(model, ratio=0.5, criterion="bn_gamma")
     np.testing.assert_array_equal(report.kept["conv_a"], [1, 3, 5, 7])
     # conv_b has no BatchNormalization: its group falls back to l2
-    _, l2 = prune_channels(model, ratio=0.5, criterion="l2", return_report=True)
+    _, l2 = _prune(model, ratio=0.5, criterion="l2")
     np.testing.assert_array_equal(report.kept["conv_b"], l2.kept["conv_b"])
 
 
@@ -343,7 +349,7 @@ def test_residual_group_is_scored_over_all_its_layers():
     for name in ("stem", "res_b"):
         _zero_filters(model.get_layer(name), [0, 1, 2])
     _zero_filters(model.get_layer("stem"), [3])
-    _, report = prune_channels(model, ratio=0.5, return_report=True)
+    _, report = _prune(model, ratio=0.5)
     np.testing.assert_array_equal(report.kept["stem"], report.kept["res_b"])
     assert set(report.kept["stem"]).isdisjoint({0, 1, 2})
     assert len(report.kept["stem"]) == 4
@@ -387,7 +393,7 @@ def _partial_concat():
 def test_concat_partially_reaching_an_output_prunes_the_rest():
     model = _partial_concat()
     x = _inputs(model)
-    pruned, report = prune_channels(model, ratio=0.5, return_report=True)
+    pruned, report = _prune(model, ratio=0.5)
     got = _channels(pruned)
     assert got["a"] == 8 and got["b"] == 4 and got["wide"] == 12
     np.testing.assert_array_equal(report.kept["wide"][:8], np.arange(8))
@@ -409,7 +415,7 @@ def test_filters_select_the_layers_to_prune():
 
 def test_report_counts_params_and_macs():
     model = conv_chain()
-    pruned, report = prune_channels(model, ratio=0.5, return_report=True)
+    pruned, report = _prune(model, ratio=0.5)
     assert isinstance(report, ChannelPruningReport)
     rows = {r["name"]: r for r in report.rows}
     # conv_a: 3x3, 3 -> 8 channels, 8x8 output, no bias
@@ -424,14 +430,42 @@ def test_report_counts_params_and_macs():
     assert report.macs_before == sum(r["macs_before"] for r in report.rows)
     assert math.isclose(report.macs_ratio, report.macs_after / report.macs_before)
     d = report.to_dict()
-    assert d["params_after"] == pruned.count_params() and len(d["layers"]) == len(report.rows)
-    text = str(report)
-    assert "conv_a" in text and "8 -> 4" in text and text.splitlines()[-1].startswith("total")
-    # the standalone report agrees (without the kept indices)
-    again = channel_report(model, pruned)
-    assert again.rows == report.rows and again.kept is None
+    assert list(d) == ["layers", "params_before", "params_after", "params_ratio", "macs_before", "macs_after", "macs_ratio"]
+    assert d["params_after"] == pruned.count_params() and d["layers"] == report.rows and d["layers"][0] is not report.rows[0]
     single = channel_report(model)
-    assert all(r["channels_before"] == r["channels_after"] for r in single.rows)
+    assert all(r["channels_before"] == r["channels_after"] for r in single.rows) and single.kept is None
+
+
+def test_report_kept_channels_only_against_the_source(tmp_path):
+    model = conv_chain()
+    pruned, report = _prune(model, ratio=0.5)
+    assert set(report.kept) == {"conv_a", "bn_a", "conv_b", "logits"}
+    assert [len(report.kept[n]) for n in ("conv_a", "bn_a", "conv_b", "logits")] == [4, 4, 4, 4]
+    np.testing.assert_array_equal(report.kept["conv_a"], report.kept["bn_a"])
+    # the record is the pruning's: a loaded copy, or another model with the same names, compare without it
+    path = str(tmp_path / "pruned.keras")
+    pruned.save(path)
+    loaded = channel_report(model, keras.saving.load_model(path))
+    twin = conv_chain()
+    other = channel_report(twin, pruned)
+    assert loaded.kept is None and other.kept is None
+    assert loaded.rows == report.rows and [r["channels_after"] for r in other.rows] == [r["channels_after"] for r in report.rows]
+    # pruning the same model again records its own result
+    assert channel_report(model, prune_channels(model, ratio=0.75)).kept["conv_a"].size == 2
+
+
+def test_report_table():
+    model = dense_chain()
+    report = channel_report(model, prune_channels(model, ratio=0.5))
+    assert str(report) == repr(report) == "\n".join([
+        "layer   type        in      out      params        MACs",
+        "------  -----  -------  -------  ----------  ----------",
+        "fc1     Dense       12  16 -> 8  208 -> 104   192 -> 96",
+        "fc2     Dense  16 -> 8   8 -> 4   136 -> 36   128 -> 32",
+        "logits  Dense   8 -> 4        3    27 -> 15    24 -> 12",
+        "------  -----  -------  -------  ----------  ----------",
+        "total                            371 -> 155  344 -> 140",
+    ])  # fmt: skip
 
 
 def test_report_separable_and_depthwise_macs():
@@ -466,7 +500,7 @@ def test_fine_tunes_and_composes_with_magnitude_pruning():
     stripped = tfopt.strip_pruning(sparse)
     assert abs(tfopt.sparsity_report(stripped).sparsity - 0.5) < 0.05
     assert _channels(stripped)["conv_a"] == 4
-    with pytest.raises(ValueError, match="wrapped for magnitude pruning"):
+    with pytest.raises(ValueError, match=r"holding tfopt layers .*PruneLowMagnitude.*magnitude pruning"):
         prune_channels(sparse, ratio=0.5)
 
 
@@ -535,16 +569,16 @@ def test_save_load_round_trip(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"ratio": 1.0}, ValueError, r"`ratio` must be in \[0, 1\).*Received: ratio=1.0"),
+        ({"ratio": 1.0}, ValueError, r"`ratio` must be a number in \[0, 1\).*Received: ratio=1.0"),
         ({"ratio": -0.1}, ValueError, r"Received: ratio=-0.1"),
         ({"ratio": "0.5"}, TypeError, r"`ratio` must be a number.*Received: ratio='0.5'"),
         ({"ratio": True}, TypeError, r"Received: ratio=True"),
         ({"ratio": 0.5, "criterion": "l3"}, ValueError, r"`criterion` must be one of.*Received: criterion='l3'"),
-        ({"ratio": 0.5, "round_to": 0}, ValueError, r"`round_to` must be a positive int.*Received: round_to=0"),
+        ({"ratio": 0.5, "round_to": 0}, ValueError, r"`round_to` must be an integer >= 1.*Received: round_to=0"),
+        ({"ratio": 0.5, "round_to": 2.0}, TypeError, r"`round_to` must be an integer >= 1.*Received: round_to=2.0"),
         ({"ratio": 0.5, "filters": 3}, TypeError, r"Received: filters=3"),
-        ({"ratio": 0.5, "return_report": "yes"}, TypeError, r"Received: return_report='yes'"),
     ],
-    ids=["ratio_one", "ratio_negative", "ratio_str", "ratio_bool", "criterion", "round_to", "filters", "return_report"],
+    ids=["ratio_one", "ratio_negative", "ratio_str", "ratio_bool", "criterion", "round_to", "round_to_float", "filters"],
 )
 def test_bad_arguments(kwargs, error, match):
     model = conv_chain()
@@ -611,9 +645,7 @@ def test_unsliceable_layers_are_listed_once_and_filters_fix_it():
     assert "Received: layers=['lam', 'scale', 'split']" in msg
     assert_same_weights(model, before)
     # the suggested fix: those layers keep their input width, the others are pruned
-    pruned, report = prune_channels(
-        model, ratio=0.5, filters=lambda layer: layer.name not in ["lam", "scale", "split"], return_report=True
-    )
+    pruned, report = _prune(model, ratio=0.5, filters=lambda layer: layer.name not in ["lam", "scale", "split"])
     assert _channels(pruned) == {"conv_a": 8, "conv_b": 8, "scale": 8, "conv_c": 8, "hidden": 8, "logits": 2}
     x = _inputs(model)
     reference = _predict(_zeroed_copy(_unsliceable, model, report.kept), x)
@@ -658,3 +690,127 @@ def test_no_prunable_channel_is_an_error():
     # filters selecting only a layer that feeds the output: nothing to prune either
     with pytest.raises(ValueError, match=r"no prunable channel.*filters selecting \['logits'\]"):
         prune_channels(conv_chain(), ratio=0.5, filters="logits")
+
+
+# ----- how channels flow through each layer type (the registry's channel roles) -------------------
+
+
+class _SubConv(L.Conv2D):
+    """A subclass computes as it likes (e.g. a weight-standardized `convolution_op`): never sliced."""
+
+
+class _SubReLU(L.ReLU):
+    pass
+
+
+def _lora_dense(x):
+    dense = L.Dense(6, name="x")
+    y = dense(x)
+    dense.enable_lora(2)
+    return y
+
+
+IMAGE = (5, 5, 3)
+PASS_THROUGH = [
+    (IMAGE, lambda: L.ReLU(), "relu"),
+    (IMAGE, lambda: L.LeakyReLU(0.2), "leaky_relu"),
+    (IMAGE, lambda: L.ELU(), "elu"),
+    (IMAGE, lambda: L.PReLU(alpha_initializer="random_uniform"), "prelu_per_element"),
+    (IMAGE, lambda: L.PReLU(alpha_initializer="random_uniform", shared_axes=[1, 2]), "prelu_per_channel"),
+    (IMAGE, lambda: L.PReLU(shared_axes=[1, 2, 3]), "prelu_shared"),
+    (IMAGE, lambda: L.BatchNormalization(), "batch_norm"),
+    (IMAGE, lambda: L.Activation("tanh"), "activation"),
+    (IMAGE, lambda: L.Rescaling(2.0, offset=0.5), "rescaling_scalar"),
+    (IMAGE, lambda: L.Dropout(0.5), "dropout"),
+    (IMAGE, lambda: L.GaussianNoise(0.1), "gaussian_noise"),
+    (IMAGE, lambda: L.SpatialDropout2D(0.5), "spatial_dropout"),
+    (IMAGE, lambda: L.ActivityRegularization(), "activity_regularization"),
+    (IMAGE, lambda: L.Identity(), "identity"),
+    (IMAGE, lambda: L.Permute((2, 1, 3)), "permute_spatial"),
+    (IMAGE, lambda: L.MaxPooling2D(), "max_pooling"),
+    (IMAGE, lambda: L.AveragePooling2D(2), "average_pooling"),
+    (IMAGE, lambda: L.GlobalMaxPooling2D(), "global_max_pooling"),
+    (IMAGE, lambda: L.ZeroPadding2D(1), "zero_padding"),
+    (IMAGE, lambda: L.Cropping2D(1), "cropping"),
+    (IMAGE, lambda: L.UpSampling2D(), "upsampling"),
+    (IMAGE, lambda: (lambda x: L.Concatenate(axis=1)([x, x * 2.0])), "concatenate_spatial_axis"),
+    ((6,), lambda: L.RepeatVector(3), "repeat_vector"),
+    (IMAGE, lambda: (lambda x: L.Subtract()([x, x * 0.5])), "subtract"),
+    (IMAGE, lambda: (lambda x: L.Average()([x, ops.tanh(x)])), "average"),
+    (IMAGE, lambda: ops.sigmoid, "op_sigmoid"),
+    (IMAGE, lambda: (lambda x: ops.clip(x, -0.5, 0.5)), "op_clip"),
+    (IMAGE, lambda: (lambda x: ops.cast(x, "float16")), "op_cast"),
+    (IMAGE, lambda: (lambda x: x / 3.0), "op_divide"),
+    (IMAGE, lambda: (lambda x: ops.maximum(x, x * x)), "op_maximum"),
+]
+
+
+def _through(shape, make):
+    """first (8 channels, prunable) -> the layer under test -> second (a model output, pinned)."""
+    inputs = keras.Input(shape)
+    x = L.Dense(8, name="first")(inputs)
+    x = make()(x)
+    return keras.Model(inputs, L.Dense(4, name="second")(ops.cast(x, "float32")), name="through")
+
+
+@pytest.mark.parametrize("shape, make", [p[:2] for p in PASS_THROUGH], ids=[p[2] for p in PASS_THROUGH])
+def test_channel_preserving_layers_are_sliced_along(shape, make):
+    model = _through(shape, make)
+    x = _inputs(model)
+    pruned, report = _prune(model, ratio=0.5)
+    assert _channels(pruned)["first"] == 4
+    # the reference: the original model with the removed channels' rows of `second` zeroed
+    reference = keras.models.clone_model(model)
+    reference.set_weights(model.get_weights())
+    second = reference.get_layer("second")
+    kernel = np.array(second.kernel)
+    kernel[np.setdiff1d(np.arange(8), report.kept["first"])] = 0
+    second.kernel.assign(kernel)
+    np.testing.assert_allclose(_predict(pruned, x), _predict(reference, x), rtol=1e-5, atol=1e-5)
+
+
+BARRIERS = [
+    (lambda: L.Softmax(name="x"), "'x' of type Softmax is a softmax over the channel axis"),
+    (lambda: L.Activation("log_softmax", name="x"), "'x' of type Activation is a softmax over the channel axis"),
+    (lambda: L.Rescaling(np.linspace(0.5, 1.5, 8), name="x"), "'x' of type Rescaling has a per-channel scale"),
+    (lambda: L.Permute((3, 1, 2), name="x"), r"'x' of type Permute moves the channel axis \(dims=\(3, 1, 2\)\)"),
+    (lambda: L.BatchNormalization(axis=1, name="x"), "'x' of type BatchNormalization normalizes axis 1, not the last"),
+    (lambda: L.Conv2DTranspose(4, 3, name="x"), "'x' of type Conv2DTranspose is a layer type whose weights"),
+    (lambda: L.LayerNormalization(name="x"), "'x' of type LayerNormalization is a layer type whose weights"),
+    (lambda: L.Flatten(data_format="channels_first", name="x"), "'x' of type Flatten uses data_format='channels_first'"),
+    (lambda: _SubConv(4, 1, name="x"), "'x' of type _SubConv is a layer type whose weights tfopt cannot slice"),
+    (lambda: _SubReLU(name="x"), "'x' of type _SubReLU is a layer type tfopt does not know how channels flow"),
+    (lambda: (lambda x: ops.softmax(x)), "of type Softmax is the operation `Softmax`, which may mix or select"),
+    (lambda: (lambda x: ops.concatenate([x, x], axis=-1)), "is the operation `Concatenate`"),
+    (lambda: (lambda x: x * np.linspace(0.5, 1.5, 8).astype("float32")), "is called with non-scalar constant arguments"),
+    (lambda: _lora_dense, r"'x' of type Dense has weights tfopt cannot slice \(\['lora_kernel_a', 'lora_kernel_b'\]"),
+]
+
+
+@pytest.mark.parametrize(
+    "make, reason", BARRIERS,
+    ids=["softmax", "log_softmax", "rescaling_per_channel", "permute_channels", "batch_norm_axis", "transpose_conv",
+         "layer_norm", "flatten_channels_first", "subclass_with_weights", "subclass_weightless", "op_softmax",
+         "op_concatenate", "op_tensor_argument", "lora"],
+)  # fmt: skip
+def test_layers_that_mix_or_hide_channels_are_barriers(make, reason):
+    model = _through(IMAGE, make)
+    with pytest.raises(ValueError, match=reason + r".*it receives prunable channels of \['first'\]"):
+        prune_channels(model, ratio=0.5)
+
+
+@pytest.mark.parametrize(
+    "wrap, match",
+    [
+        (tfopt.prune_low_magnitude, r"'prune_low_magnitude_conv_a' of type PruneLowMagnitude"),
+        (lambda m: tfopt.cluster_weights(m, 4), r"'cluster_conv_a' of type ClusterWeights"),
+        (tfopt.quantize_annotate_model, r"'annotate_conv_a' of type QuantizeAnnotate"),
+        (tfopt.quantize_model, r"'quant_conv_a' of type QuantizeWrapper"),
+        (lambda m: keras.Sequential([keras.Input((8, 8, 3)), tfopt.QuantizeLayer(), m], name="conv_chain_q"), r"QuantizeLayer\)"),
+    ],
+    ids=["pruning", "clustering", "qat_annotated", "qat", "qat_quantize_layer_only"],
+)
+def test_wrapped_models_are_refused(wrap, match):
+    with pytest.raises(ValueError, match=r"holding tfopt layers \(" + match + r".*quantization-aware training.*"
+                                         r"Received: model='conv_chain"):
+        prune_channels(wrap(conv_chain()), ratio=0.5)

@@ -1,4 +1,4 @@
-"""tfopt.clustering: centroid inits, the wrapper, strip, sparsity, save/load, CQAT projection, export, errors."""
+"""tfopt.clustering: centroid inits, the wrapper, strip, sparsity, save/load, export, errors, cluster-preserving QAT."""
 
 import keras
 import numpy as np
@@ -331,10 +331,45 @@ def test_clusterable_layer_protocol():
 
 
 def test_config_roundtrip():
-    wrapper = cl.ClusterWeights(L.Dense(4), 12, cluster_centroids_init="density_based", preserve_sparsity=False)
+    wrapper = cl.ClusterWeights(L.Dense(4), 12, "density_based", preserve_sparsity=False, weight_positions=[0])
     clone = assert_config_roundtrip(wrapper)
-    assert (clone.number_of_clusters, clone.cluster_centroids_init, clone.preserve_sparsity) == (12, "density-based", False)
+    options = (clone.number_of_clusters, clone.cluster_centroids_init, clone.preserve_sparsity, clone.weight_positions)
+    assert options == (12, "density-based", False, (0,))
     assert cl.ClusterWeights(L.Dense(4), 4, "CentroidInitialization.KMEANS_PLUS_PLUS").cluster_centroids_init == "kmeans++"
+
+
+def test_variables_file_layout_output_shape_and_reclustering():
+    wrapper = cl.ClusterWeights(L.Dense(3, name="d"), 4, cluster_centroids_init="linear")
+    wrapper.build((None, 5))
+    (kernel, c, m, idx), = wrapper.clustered_variables
+    assert [v.name for v in (c, m, idx)] == ["kernel_centroids", "kernel_centroid_mask", "kernel_indices"]
+    # The .keras layout, by position: Keras stores trainable variables first (the inner kernel is stored by the
+    # inner layer, once).
+    store = {}
+    wrapper.save_own_variables(store)
+    assert [id(store[str(i)]) for i in range(len(store))] == [id(c), id(m), id(idx)]
+    assert tuple(wrapper.compute_output_shape((None, 5))) == (None, 3)
+    new_kernel = np.random.default_rng(0).normal(size=(5, 3)).astype("float32")
+    kernel.assign(new_kernel)
+    wrapper.init_clusters_from_weights(seed=0)
+    ref_c, ref_m, ref_idx = cl.cluster_tensor(new_kernel, 4, "linear")
+    np.testing.assert_allclose(ops.convert_to_numpy(c), ref_c.astype("float32"))
+    np.testing.assert_array_equal(ops.convert_to_numpy(idx), ref_idx)
+
+
+def test_report_table_and_dict():
+    rows = [dict(name="hidden", type="Dense", weights=1200, distinct=4, zeros=3, clustered=True),
+            dict(name="logits", type="Dense", weights=40, distinct=12, zeros=0, clustered=False)]
+    report = cl.ClusteringReport(rows)
+    assert report.to_dict() == {"layers": rows, "weights": 1240, "zeros": 3, "max_distinct": 12}
+    assert str(report) == "\n".join([
+        "layer   type   weights  distinct values  zeros",
+        "------  -----  -------  ---------------  -----",
+        "hidden  Dense    1,200                4      3",
+        "logits  Dense       40               12      0",
+        "------  -----  -------  ---------------  -----",
+        "total            1,240           max 12      3",
+    ])
 
 
 def test_save_load_and_keep_training(cnn, data, tmp_path):
@@ -367,26 +402,7 @@ def test_stateless_call_reads_the_enclosing_values():
     np.testing.assert_allclose(ops.convert_to_numpy(out), plain.predict(x, verbose=0), atol=1e-5)
 
 
-# ----- cluster-preserving training (the CQAT projection) ---------------------------------
-
-
-def test_snap_to_centroids_is_the_per_cluster_mean():
-    rng = np.random.default_rng(4)
-    w = rng.normal(size=(6, 5)).astype("float32")
-    idx = rng.integers(0, 4, w.shape).astype("int32")
-    idx[0, 0] = 3
-    mask = np.array([1.0, 1.0, 1.0, 0.0], "float32")
-    out = ops.convert_to_numpy(cl.snap_to_centroids(w, idx, 5, np.append(mask, 1.0)))
-    means = np.array([w[idx == j].mean() if np.any(idx == j) else 0.0 for j in range(4)]) * mask
-    np.testing.assert_allclose(out, means[idx], rtol=1e-6)
-    assert np.all(out[idx == 3] == 0)
-
-
-def test_centroid_constraint_applies_inner_first():
-    idx = np.array([0, 0, 1, 1], "int32")
-    constraint = cl.centroid_constraint(ops.convert_to_tensor(idx), 2, inner=lambda w: w * 2.0)
-    np.testing.assert_allclose(ops.convert_to_numpy(constraint(np.array([1.0, 3.0, 5.0, 7.0], "float32"))),
-                               [4.0, 4.0, 12.0, 12.0])
+# ----- export -----------------------------------------------------------------------------
 
 
 def _fc_int8_weights(content):
@@ -395,37 +411,6 @@ def _fc_int8_weights(content):
     fm = _flatbuffer.parse(content)
     sg = fm.subgraphs[0]
     return [fm.tensor_value(sg.tensors[op.inputs[1]]) for op in sg.operators if op.name == "FULLY_CONNECTED"]
-
-
-@pytest.mark.slow
-def test_cluster_preserving_qat_keeps_k_int8_values_per_kernel():
-    """strip -> quantize_model -> constrain_to_clusters -> QAT: each int8 Dense kernel has <= k values."""
-    model = mlp()
-    x, y = mlp_data()
-    stripped = cl.strip_clustering(fit(cl.cluster_weights(model, 6), x, y))
-    counts = {}
-    for constrained in (True, False):
-        qat = tfopt.quantize_model(stripped)
-        if constrained:
-            paths = cl.constrain_to_clusters(qat, 6)
-            assert len(paths) == 2
-        fit(qat, x, y, epochs=2)
-        tfl = tfopt.tflite_export.convert(qat, target="mobile", mode="int8")
-        counts[constrained] = [distinct(w) for w in _fc_int8_weights(tfl.content)]
-    assert len(counts[True]) == 2 and max(counts[True]) <= 6, counts
-    assert min(counts[False]) > 6, counts  # without the constraint QAT un-clusters the kernels
-
-
-def test_constrain_to_clusters_errors():
-    with pytest.raises(ValueError, match=r"No kernel .* at most 4 distinct values.*Received: number_of_clusters=4"):
-        cl.constrain_to_clusters(mlp(), 4)
-    with pytest.raises(ValueError, match=r"strip_clustering\(model\)` first"):
-        cl.constrain_to_clusters(cl.cluster_weights(mlp(), 4), 4)
-    with pytest.raises(ValueError, match=r"number_of_clusters=1"):
-        cl.constrain_to_clusters(mlp(), 1)
-
-
-# ----- export -----------------------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -455,7 +440,7 @@ class Unknown(L.Layer):
 
 
 BAD = [
-    ("one_cluster", dict(number_of_clusters=1), ValueError, r"number_of_clusters` must be >= 2.*Received: number_of_clusters=1"),
+    ("one_cluster", dict(number_of_clusters=1), ValueError, r"number_of_clusters` must be an integer >= 2.*16.*Received: number_of_clusters=1"),
     ("zero_clusters", dict(number_of_clusters=0), ValueError, r"Received: number_of_clusters=0"),
     ("float_clusters", dict(number_of_clusters=2.5), TypeError, r"must be an integer.*Received: number_of_clusters=2.5"),
     ("bool_clusters", dict(number_of_clusters=True), TypeError, r"Received: number_of_clusters=True"),
@@ -551,6 +536,12 @@ def _wrappers_of(qat_model, kernels_only=True):
     return {l.layer.name: l for l in qat_model.layers if isinstance(l, tfopt.QuantizeWrapper) and isinstance(l.layer, kinds)}
 
 
+def clustered_kernel(wrapper):
+    """The kernel a cluster-preserving QuantizeWrapper computes with, from its public `clustered_variables`."""
+    c, m, idx = (ops.convert_to_numpy(v) for v in wrapper.clustered_variables["kernel"])
+    return (c * m)[idx]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("k", [8, 16], ids=["k8", "k16"])
 def test_cqat_exported_kernels_keep_k_int8_values(k):
@@ -607,7 +598,7 @@ def test_cqat_trains_only_the_centroids_with_fixed_indices():
         assert not np.allclose(c, before[name][0]), name  # the centroids moved
         np.testing.assert_array_equal(idx, before[name][2])  # the assignment did not
         np.testing.assert_array_equal(ops.convert_to_numpy(w.layer.kernel), kernels[name])  # never written
-        assert distinct(ops.convert_to_numpy(w._clustered_value("kernel"))) <= 8
+        assert distinct(clustered_kernel(w)) <= 8
 
 
 @pytest.mark.slow
@@ -635,7 +626,7 @@ def test_cqat_per_channel_ranges_share_one_code_grid(signs):
     if signs == "mixed":
         gamma[::2] *= -1.0
     bn.gamma.assign(gamma)
-    kernel = ops.convert_to_numpy(w._clustered_value("kernel"))
+    kernel = clustered_kernel(w)
     f = gamma / np.sqrt(ops.convert_to_numpy(bn.moving_variance) + bn.epsilon)
     m = np.abs(kernel).max()
     scale = np.abs(f) * m / 127.0
@@ -688,7 +679,7 @@ def test_cqat_save_load_and_config_roundtrip(tmp_path):
     assert sorted(v.path for v in loaded.trainable_weights) == sorted(v.path for v in qat.trainable_weights)
     fit(loaded, x, y)  # keeps training as a clustered model
     for w in _wrappers_of(loaded).values():
-        assert distinct(ops.convert_to_numpy(w._clustered_value("kernel"))) <= 8
+        assert distinct(clustered_kernel(w)) <= 8
     layer = L.Conv2D(4, 3)
     layer.build((None, 6, 6, 2))
     clone = assert_config_roundtrip(tfopt.QuantizeWrapper(layer, clustered_weights=("kernel",), number_of_clusters=4))
@@ -706,7 +697,7 @@ def test_cqat_zero_cluster_stays_pinned():
     zeros = {n: ops.convert_to_numpy(model.get_layer(n).kernel) == 0 for n in ("conv", "logits")}
     qat = fit(tfopt.quantize_model(clustered), x, y)
     for name in ("conv", "logits"):
-        value = ops.convert_to_numpy(_wrappers_of(qat)[name]._clustered_value("kernel"))
+        value = clustered_kernel(_wrappers_of(qat)[name])
         np.testing.assert_array_equal(value == 0, zeros[name])
         assert distinct(value) <= 6
 
@@ -732,5 +723,5 @@ def test_preserve_clusters_errors(cnn):
     layer = L.Dense(3)
     with pytest.raises(ValueError, match=r"distinct quantized weights of layer .*Received: clustered_weights=\('bias',\)"):
         tfopt.QuantizeWrapper(layer, clustered_weights=("bias",), number_of_clusters=4)
-    with pytest.raises(ValueError, match=r"integer >= 2.*Received: number_of_clusters=None"):
+    with pytest.raises(TypeError, match=r"integer >= 2.*Received: number_of_clusters=None"):
         tfopt.QuantizeWrapper(layer, clustered_weights=("kernel",))

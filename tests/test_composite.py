@@ -104,7 +104,7 @@ def fit_pruned(model, x, y, epochs=2, batch_size=16):
 
 
 def pruned_tensors(model):
-    return {f"{w.name}/{v.path}": ops.convert_to_numpy(v) for w in tfopt.pruning._pruned_wrappers(model)
+    return {f"{w.name}/{v.path}": ops.convert_to_numpy(v) for w in tfopt.pruning.pruned_wrappers(model)
             for v, _, _ in w.pruned_weights}
 
 
@@ -152,7 +152,7 @@ def test_composite_layers_prune_to_the_target_during_fit(tmp_path):
     model = text_model()
     before = weights_of(model)
     pruned = tfopt.prune_low_magnitude(model, tfopt.ConstantSparsity(0.5, 0, frequency=1))
-    wrapped = {l.layer.name: l for l in tfopt.pruning._pruned_wrappers(pruned)}
+    wrapped = {l.layer.name: l for l in tfopt.pruning.pruned_wrappers(pruned)}
     assert set(wrapped) == {"embed", "block", "head"}
     assert len(wrapped["block"].pruned_weights) == 6 and len(wrapped["embed"].pruned_weights) == 2
     x, y = text_data()
@@ -189,11 +189,11 @@ def test_a_pruned_composite_model_reloads_with_identical_masks_and_keeps_trainin
 
 def test_filters_match_weight_paths_inside_composite_layers():
     pruned = tfopt.prune_low_magnitude(text_model(), filters=r"query/kernel|key/kernel")
-    (wrapper,) = tfopt.pruning._pruned_wrappers(pruned)
+    (wrapper,) = tfopt.pruning.pruned_wrappers(pruned)
     assert wrapper.layer.name == "block"
     assert [v.path.split("/")[-2:] for v, _, _ in wrapper.pruned_weights] == [["query", "kernel"], ["key", "kernel"]]
     # A regex on the layer name still selects the whole layer.
-    (whole,) = tfopt.pruning._pruned_wrappers(tfopt.prune_low_magnitude(text_model(), filters="^block$"))
+    (whole,) = tfopt.pruning.pruned_wrappers(tfopt.prune_low_magnitude(text_model(), filters="^block$"))
     assert len(whole.pruned_weights) == 6
 
 
@@ -207,12 +207,12 @@ def test_a_composite_layer_with_its_own_weight_is_refused_with_the_paths():
         tfopt.cluster_weights(model, 4)
     assert_same_weights(model, before)
     # Selecting the leaf kernel by its path prunes it and leaves the layer's own weight dense.
-    (wrapper,) = [w for w in tfopt.pruning._pruned_wrappers(tfopt.prune_low_magnitude(model, filters="scaled/dense"))]
+    (wrapper,) = [w for w in tfopt.pruning.pruned_wrappers(tfopt.prune_low_magnitude(model, filters="scaled/dense"))]
     assert [v.path.split("/")[-1] for v, _, _ in wrapper.pruned_weights] == ["kernel"]
     # Registered with `sublayers=True`, the row describes the layer's own weights and the walk goes on below.
     tfopt.register_layer(ScaledBlock, sublayers=True)
     try:
-        wrappers = tfopt.pruning._pruned_wrappers(tfopt.prune_low_magnitude(model))
+        wrappers = tfopt.pruning.pruned_wrappers(tfopt.prune_low_magnitude(model))
         assert sorted(len(w.pruned_weights) for w in wrappers) == [1, 1]
     finally:
         tfopt.registry.unregister_layer(ScaledBlock)
@@ -248,7 +248,7 @@ def test_bidirectional_and_time_distributed_prune_their_inner_kernels():
     x = L.TimeDistributed(L.Dense(5), name="td")(x)
     model = keras.Model(inputs, L.Dense(2)(L.Flatten()(x)))
     pruned = tfopt.prune_low_magnitude(model, tfopt.ConstantSparsity(0.5, 0, frequency=1))
-    wrapped = {w.layer.name: len(w.pruned_weights) for w in tfopt.pruning._pruned_wrappers(pruned)}
+    wrapped = {w.layer.name: len(w.pruned_weights) for w in tfopt.pruning.pruned_wrappers(pruned)}
     assert wrapped["bi"] == 4 and wrapped["td"] == 1
     rng = np.random.default_rng(0)
     x_np = rng.normal(size=(32, 6, 4)).astype("float32")
@@ -268,7 +268,7 @@ def test_subclassed_models_are_pruned_and_clustered_whole(tmp_path):
     pruned = tfopt.prune_low_magnitude(model, tfopt.ConstantSparsity(0.5, 0, frequency=1))
     pruned.compile("adam", "mse")
     pruned.fit(x, rng.normal(size=(32, 3)), epochs=1, callbacks=[tfopt_callbacks.UpdatePruningStep()], verbose=0)
-    (wrapper,) = tfopt.pruning._pruned_wrappers(pruned)
+    (wrapper,) = tfopt.pruning.pruned_wrappers(pruned)
     assert len(wrapper.pruned_weights) == 7  # 4 attention projections, 2 feed-forward, the head
     assert_each_at(pruned_tensors(pruned), 0.5)
     stripped = tfopt.strip_pruning(pruned)
@@ -354,9 +354,9 @@ def test_keras_hub_bert_clusters_its_leaf_kernels():
 
 def test_keras_hub_position_embeddings_stay_dense_unless_selected():
     model = bert_classifier()
-    default = {w.layer.name for w in tfopt.pruning._pruned_wrappers(tfopt.prune_low_magnitude(model))}
+    default = {w.layer.name for w in tfopt.pruning.pruned_wrappers(tfopt.prune_low_magnitude(model))}
     assert "position_embedding" not in default and "transformer_layer_0" in default
-    chosen = {w.layer.name for w in tfopt.pruning._pruned_wrappers(
+    chosen = {w.layer.name for w in tfopt.pruning.pruned_wrappers(
         tfopt.prune_low_magnitude(model, filters="position_embedding"))}
     assert chosen == {"position_embedding"}
 
@@ -378,7 +378,7 @@ with strategy.scope():
 x, y = text_data()
 pruned.fit(x, y, epochs=1, batch_size=16, callbacks=[callbacks.UpdatePruningStep()], verbose=0)
 assert_each_at(pruned_tensors(pruned), 0.5)
-for w in tfopt.pruning._pruned_wrappers(pruned):
+for w in tfopt.pruning.pruned_wrappers(pruned):
     for v, m, _ in w.pruned_weights:
         a, b = (np.asarray(r) for r in v.value.values) if hasattr(v.value, "values") else (None, None)
         if a is not None:

@@ -155,6 +155,11 @@ def test_bad_models(cnn):
     probs = keras.Model(cnn.inputs, L.Softmax(name="probs")(cnn.outputs[0]))
     with pytest.raises(ValueError, match=r"teacher must output logits.*'probs' of type Softmax"):
         distill(probs, small_student())
+    inner = keras.Sequential([keras.Input((8, 8, 3)), L.Flatten(), L.Dense(4, activation="softmax", name="inner_probs")])
+    outer_inputs = keras.Input((8, 8, 3))
+    nested = keras.Model(outer_inputs, inner(outer_inputs))
+    with pytest.raises(ValueError, match=r"teacher must output logits.*'inner_probs' of type Dense applies 'softmax'"):
+        distill(nested, small_student())  # the output layer of a nested model is looked into
     inputs = keras.Input((8, 8, 3))
     wide = keras.Model(inputs, L.Dense(6)(L.Flatten()(inputs)))
     with pytest.raises(ValueError, match=r"same output shapes.*teacher outputs=\[\(4,\)\], student outputs=\[\(6,\)\]"):

@@ -138,7 +138,14 @@ def test_installed_compiler_is_run_and_parsed(tmp_path, monkeypatch, edgetpu_tin
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     report = te.edgetpu_report(edgetpu_tiny)
     assert report.compiler is not None and report.compiler.ops_on_tpu == 64
-    assert "edgetpu_compiler 16.0.384591198" in str(report)
+    text = str(report)
+    assert "edgetpu_compiler 16.0.384591198" in text
+    assert "\n".join([  # the compiler's table, counts right-aligned
+        "op                 count  status",
+        "-----------------  -----  ---------------------------------------",
+        "CONV_2D               35  Mapped to Edge TPU",
+        "DEPTHWISE_CONV_2D     17  Mapped to Edge TPU",
+    ]) in text
     assert te.edgetpu_report(edgetpu_tiny, run_compiler_if_available=False).compiler is None
 
 

@@ -36,6 +36,12 @@ def mlp(seed=0):
     return keras.Model(inputs, L.Dense(5, name="logits")(x), name="mlp")
 
 
+def factorize(model, **kwargs):
+    """`low_rank_factorize` and its report."""
+    new = lr.low_rank_factorize(model, **kwargs)
+    return new, lr.low_rank_report(model, new)
+
+
 def features(n=48, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, 20)).astype("float32")
@@ -69,7 +75,7 @@ def test_fixed_rank_is_capped():
 def test_dense_factors_are_the_best_rank_r_approximation():
     model = mlp()
     x, _ = features(16)
-    new, report = lr.low_rank_factorize(model, rank=4, filters="hidden")
+    new, report = factorize(model, rank=4, filters="hidden")
     u, v = new.get_layer("hidden_u"), new.get_layer("hidden_v")
     assert (u.units, u.use_bias, keras.activations.serialize(u.activation)) == (4, False, "linear")
     assert (v.units, v.use_bias, keras.activations.serialize(v.activation)) == (32, True, "relu")
@@ -98,7 +104,7 @@ def test_conv2d_factors_are_a_kxk_conv_then_a_1x1_conv(conv_kwargs):
     y = L.Conv2D(12, 3, activation="relu", name="conv", **conv_kwargs)(inputs)
     model = keras.Model(inputs, L.Dense(3, name="head")(L.Flatten()(y)))
     x = np.random.default_rng(0).random((4, 9, 9, 6), np.float32)
-    new, report = lr.low_rank_factorize(model, rank=3, filters="conv")
+    new, report = factorize(model, rank=3, filters="conv")
     u, v = new.get_layer("conv_u"), new.get_layer("conv_v")
     assert (u.filters, tuple(u.kernel_size), u.use_bias) == (3, (3, 3), False)
     assert (tuple(u.strides), u.padding, tuple(u.dilation_rate)) == (
@@ -113,7 +119,7 @@ def test_conv2d_factors_are_a_kxk_conv_then_a_1x1_conv(conv_kwargs):
 
 def test_energy_picks_each_layers_rank_and_skips_layers_that_would_grow():
     model = mlp()
-    new, report = lr.low_rank_factorize(model, energy=0.8)
+    new, report = factorize(model, energy=0.8)
     by_name = {r["name"]: r for r in report.rows}
     for name in ("hidden", "logits"):
         s = np.linalg.svd(ops.convert_to_numpy(model.get_layer(name).kernel).astype(np.float64), compute_uv=False)
@@ -133,10 +139,90 @@ def test_energy_picks_each_layers_rank_and_skips_layers_that_would_grow():
     assert report.to_dict()["layers"][0]["name"] == "hidden"
 
 
+def test_report_table_and_dict():
+    model = mlp()
+    new = lr.low_rank_factorize(model, rank=5)
+    report = lr.low_rank_report(model, new)
+    s = np.linalg.svd(ops.convert_to_numpy(model.get_layer("hidden").kernel).astype(np.float64), compute_uv=False)
+    energy = np.sum(s[:5] ** 2) / np.sum(s**2)
+    rule = "-----------------  -----  ------  ----  ------  -------------  ------------  " + "-" * 65
+    assert str(report) == repr(report) == "\n".join([
+        "layer              type   kernel  rank  energy  params before  params after  result",
+        rule,
+        f"hidden             Dense  20x32   5/20   {energy:.3f}            672           292  factorized",
+        "logits             Dense  32x5     5/5   1.000            165           165  kept: rank 5 would not reduce "
+        "parameters (5 x (32 + 5) >= 32 x 5)",
+        rule,
+        "factorized layers                                         672           292  2.30x fewer",
+        "whole model                                               837           457",
+    ])  # fmt: skip
+    d = report.to_dict()
+    assert list(d) == ["layers", "params_before", "params_after", "ratio", "model_params_before", "model_params_after"]
+    assert (d["params_before"], d["params_after"], d["model_params_before"], d["model_params_after"]) == (672, 292, 837, 457)
+    assert d["ratio"] == pytest.approx(672 / 292) and d["layers"][0]["energy"] == pytest.approx(energy)
+    assert d["layers"] == report.rows and d["layers"][0] is not report.rows[0]
+    # each call gives its own rows
+    report.rows[0]["rank"] = 99
+    assert lr.low_rank_report(model, new).rows[0]["rank"] == 5
+
+
+def test_report_needs_the_factorized_model_and_its_source(tmp_path):
+    model = mlp()
+    new = lr.low_rank_factorize(model, rank=4)
+    path = tmp_path / "lowrank.keras"
+    new.save(path)
+    for source, result in ((mlp(), new), (model, keras.saving.load_model(path)), (model, model)):
+        with pytest.raises(ValueError, match=r"is not the result of `tfopt.low_rank_factorize` on model 'mlp'.*"
+                                             r"Received: model='mlp', factorized="):
+            lr.low_rank_report(source, result)
+    with pytest.raises(TypeError, match=r"Received: factorized='x'"):
+        lr.low_rank_report(model, "x")
+    # fine-tuning does not change the factorization
+    compile_for_test(new).fit(*features(16), epochs=1, verbose=0)
+    assert lr.low_rank_report(model, new).rows[0]["rank"] == 4
+
+
+def test_subclasses_are_kept_with_a_reason():
+    class Standardized(L.Conv2D):  # a subclass may compute otherwise (here: its convolution_op)
+        def convolution_op(self, inputs, kernel):
+            return super().convolution_op(inputs, (kernel - ops.mean(kernel)) / (ops.std(kernel) + 1e-5))
+
+    class Plain(L.Dense):
+        pass
+
+    inputs = keras.Input((6, 6, 3))
+    x = Standardized(8, 3, name="std_conv")(inputs)
+    x = Plain(16, name="plain")(L.Flatten()(x))
+    model = keras.Model(inputs, L.Dense(2, name="head")(x))
+    new, report = factorize(model, rank=1)
+    rows = {r["name"]: r for r in report.rows}
+    assert set(rows) == {"std_conv", "plain", "head"}
+    for name, cls in (("std_conv", Standardized), ("plain", Plain)):
+        assert not rows[name]["factorized"] and "nor subclasses" in rows[name]["reason"]
+        assert type(new.get_layer(name)) is cls
+    assert rows["head"]["factorized"]
+    with pytest.raises(ValueError, match=r"'plain' of type Plain: only Dense and Conv2D are factorized"):
+        lr.low_rank_factorize(model, rank=1, filters="plain")
+
+
+def test_wrapped_models_are_refused():
+    model = mlp()
+    cases = [
+        (tfopt.prune_low_magnitude(model), r"PruneLowMagnitude.*strip_pruning"),
+        (tfopt.cluster_weights(model, 4), r"ClusterWeights.*strip_clustering"),
+        (tfopt.quantize_model(model), r"QuantizeWrapper"),
+        (tfopt.quantize_annotate_model(model), r"QuantizeAnnotate"),
+        (keras.Sequential([keras.Input((20,)), tfopt.QuantizeLayer(), model]), r"\(QuantizeLayer\)"),
+    ]
+    for wrapped, match in cases:
+        with pytest.raises(ValueError, match=r"holds tfopt layers .*" + match):
+            lr.low_rank_factorize(wrapped)
+
+
 def test_full_energy_keeps_everything_as_a_copy():
     model = mlp()
     x, _ = features(8)
-    new, report = lr.low_rank_factorize(model, energy=1.0)
+    new, report = factorize(model, energy=1.0)
     assert not any(r["factorized"] for r in report.rows) and report.ratio == 1.0
     np.testing.assert_array_equal(new.predict(x, verbose=0), model.predict(x, verbose=0))
     assert new.get_layer("hidden").kernel is not model.get_layer("hidden").kernel
@@ -145,7 +231,7 @@ def test_full_energy_keeps_everything_as_a_copy():
 def test_model_untouched_and_new_weights_are_its_own():
     model = tiny_cnn()
     before = weights_of(model)
-    new, _ = lr.low_rank_factorize(model, rank=2)
+    new = lr.low_rank_factorize(model, rank=2)
     assert_same_weights(model, before)
     for w in new.weights:
         w.assign(ops.zeros_like(w))
@@ -161,7 +247,7 @@ def test_sequential_nested_and_shared_layers():
     h = shared(h) + shared(h * 2.0)  # one layer, two calls
     model = keras.Model(inputs, L.Dense(3, name="out")(h))
     x = np.random.default_rng(0).normal(size=(6, 20)).astype("float32")
-    new, report = lr.low_rank_factorize(model, rank=2, filters=["inner_dense", "shared"])
+    new, report = factorize(model, rank=2, filters=["inner_dense", "shared"])
     assert {r["name"] for r in report.rows if r["factorized"]} == {"inner_dense", "shared"}
     block = new.get_layer("block")
     assert isinstance(block, keras.Sequential) and [l.name for l in block.layers] == ["inner_dense_u", "inner_dense_v"]
@@ -174,7 +260,7 @@ def test_sequential_nested_and_shared_layers():
     assert len([l for l in new.layers if l.name == "shared_v"]) == 1
 
     seq = keras.Sequential([keras.Input((20,), name="in"), L.Dense(16, name="a"), L.Dense(3, name="b")], name="seq")
-    new_seq, _ = lr.low_rank_factorize(seq, rank=1, filters="a")
+    new_seq = lr.low_rank_factorize(seq, rank=1, filters="a")
     assert isinstance(new_seq, keras.Sequential) and [l.name for l in new_seq.layers] == ["a_u", "a_v", "b"]
     assert new_seq.name == "seq"
 
@@ -183,7 +269,7 @@ def test_grouped_conv_is_kept_with_a_reason():
     inputs = keras.Input((6, 6, 4))
     x = L.Conv2D(8, 3, groups=2, name="grouped")(inputs)
     model = keras.Model(inputs, L.Dense(2, name="head")(L.Flatten()(x)))
-    new, report = lr.low_rank_factorize(model, rank=1)
+    new, report = factorize(model, rank=1)
     row = next(r for r in report.rows if r["name"] == "grouped")
     assert not row["factorized"] and "grouped convolution (groups=2)" in row["reason"]
     assert isinstance(new.get_layer("grouped"), L.Conv2D)
@@ -196,7 +282,7 @@ def test_grouped_conv_is_kept_with_a_reason():
 
 def test_factorized_model_trains_saves_and_prunes(tmp_path):
     x, y = features(64)
-    new, _ = lr.low_rank_factorize(mlp(), rank=3)
+    new = lr.low_rank_factorize(mlp(), rank=3)
     compile_for_test(new)
     history = new.fit(x, y, epochs=2, batch_size=16, verbose=0)
     assert history.history["loss"][-1] < history.history["loss"][0]
@@ -216,7 +302,7 @@ def test_factorized_model_trains_saves_and_prunes(tmp_path):
 def test_int8_export_of_a_factorized_cnn():
     model = tiny_cnn()
     x, y = image_data()
-    new, report = lr.low_rank_factorize(model, rank=2)
+    new, report = factorize(model, rank=2)
     assert report.rows and any(r["factorized"] for r in report.rows)
     compile_for_test(new)
     new.fit(x, y, epochs=1, batch_size=16, verbose=0)
@@ -231,11 +317,11 @@ def test_int8_export_of_a_factorized_cnn():
 
 
 BAD = [
-    ("rank_zero", dict(rank=0), ValueError, r"`rank` must be >= 1.*Received: rank=0"),
+    ("rank_zero", dict(rank=0), ValueError, r"`rank` must be an integer >= 1.*Received: rank=0"),
     ("rank_float", dict(rank=2.5), TypeError, r"Received: rank=2.5"),
     ("rank_bool", dict(rank=True), TypeError, r"Received: rank=True"),
     ("energy_zero", dict(energy=0.0), ValueError, r"`energy` must be in \(0, 1\].*Received: energy=0.0"),
-    ("energy_above_one", dict(energy=1.5), ValueError, r"Received: energy=1.5"),
+    ("energy_above_one", dict(energy=1.5), ValueError, r"`energy` must be a number in \[0, 1\]\. The fraction.*Received: energy=1.5"),
     ("energy_negative", dict(energy=-0.1), ValueError, r"Received: energy=-0.1"),
     ("energy_str", dict(energy="0.9"), TypeError, r"Received: energy='0.9'"),
     ("filters_bad_type", dict(filters=1), TypeError, r"Received: filters=1"),

@@ -374,6 +374,10 @@ def test_bad_inputs_to_predict_compare_and_evaluate(cnn, cnn_x, cnn_int8):
         cnn_int8.evaluate(cnn_x, {"label": np.zeros(32)})
     with pytest.raises(ValueError, match=r"2 outputs \('cls', 'score'\).*Received: y of type ndarray"):
         cnn_int8.evaluate(cnn_x, np.zeros(32))
+    with pytest.raises(ValueError, match=r"one array per model output \(2: 'cls', 'score'\).*list of 1 item\(s\)"):
+        cnn_int8.evaluate(cnn_x, [np.zeros(32)])
+    with pytest.raises(ValueError, match=r"keyed by the model's output names.*Received: y with keys \[\]"):
+        cnn_int8.evaluate(cnn_x, {})
     tokens = te.convert(token_model(), mode="float32", quiet=True)
     bad = {"token_ids": token_data(2)["token_ids"].astype("float32"), "padding_mask": token_data(2)["padding_mask"]}
     with pytest.raises(ValueError, match=r"x\['token_ids'\].*is int32.*Received: x\['token_ids'\].dtype=float32"):

@@ -11,8 +11,8 @@ import tfopt
 from conftest import compile_for_test, image_data, tiny_cnn
 from helpers import assert_config_roundtrip, assert_save_load, assert_same_weights, weights_of, zero_fraction
 from tfopt import qat
-from tfopt.qat_layers import QuantizeAnnotate, QuantizeConfig, QuantizeLayer, QuantizeWrapper
-from tfopt.quantizers import LastValueQuantizer, MovingAverageQuantizer
+from tfopt.qat_layers import QuantizeConfig, QuantizeLayer, QuantizeWrapper
+from tfopt.quantizers import LastValueQuantizer
 
 # The backend matrix (`make test-backends`) runs this module under JAX and PyTorch too, except the
 # `tensorflow_only` tests (tf.GradientTape references, TFLite conversion).
@@ -196,6 +196,68 @@ def test_weights_are_per_channel_except_dense():
     assert weights[(4, 3, 3, 3)] == 4  # conv: per output channel
     assert weights[(1, 3, 3, 8)] == 8  # depthwise: per channel, 4 inputs * multiplier 2
     assert weights[(3, 128)] == 1  # dense: per tensor
+
+
+class _MatMul(keras.layers.Layer):
+    """A custom kernel layer: ``x @ kernel``."""
+
+    def __init__(self, units=3, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+
+    def build(self, shape):
+        self.kernel = self.add_weight(shape=(shape[-1], self.units), initializer="glorot_uniform", name="kernel")
+
+    def call(self, x):
+        return ops.matmul(x, self.kernel)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
+keras.saving.register_keras_serializable(package="tfopt_tests")(_MatMul)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: L.EinsumDense("ab,bc->ac", output_shape=3, name="inner"),
+    lambda: _MatMul(3, name="inner"),
+], ids=["einsum_dense", "registered"])
+def test_kernel_layer_without_a_rewrite_runs_on_its_fake_quantized_kernel(make, tmp_path):
+    """A "kernel" row without `qat_forward` runs the layer's own call with the fake-quantized kernel substituted."""
+    tfopt.register_layer(_MatMul, quantizable=("kernel",))
+    try:
+        keras.utils.set_random_seed(0)
+        m = keras.Sequential([keras.Input((4,)), make(), L.Dense(2, name="head")])
+        q = qat.quantize_model(m)
+        w = _wrapper(q, "inner")
+        x = np.random.default_rng(0).normal(size=(32, 4)).astype(np.float32)
+        _fit(q, x, np.arange(32) % 2)
+        assert np.isfinite(q.history.history["loss"][-1])
+        # Without its output quantizer, the wrapper computes x @ fq(kernel): int8 per tensor, symmetric, narrow.
+        bare = QuantizeWrapper.from_config({**w.get_config(), "quantize_output": False})
+        x_in = ops.convert_to_numpy(q.layers[1](x, training=False))
+        bare.build(x_in.shape)
+        bare.layer.set_weights(w.layer.get_weights())
+        kernel = ops.convert_to_numpy(w.layer.kernel)
+        step = np.abs(kernel).max() / 127.0
+        fq = np.clip(np.floor(kernel / step + 0.5), -127, 127) * step
+        assert np.abs(fq - kernel).max() <= step / 2 + 1e-7 and np.any(fq != kernel)
+        np.testing.assert_allclose(ops.convert_to_numpy(bare(x_in, training=False)), x_in @ fq, rtol=1e-5, atol=1e-5)
+        assert not np.allclose(x_in @ fq, x_in @ kernel, rtol=1e-5, atol=1e-5)
+        assert_save_load(q, x, tmp_path / "kernel_row.keras")
+    finally:
+        tfopt.registry.unregister_layer(_MatMul)
+
+
+def test_add_then_relu_fuses():
+    """An Add layer whose only consumer is a ReLU gets no output quantizer (TFLite fuses the ReLU into ADD)."""
+    inp = keras.Input((6, 6, 3))
+    a = L.Conv2D(4, 3, name="a")(inp)
+    b = L.Conv2D(4, 3, name="b")(inp)
+    m = keras.Model(inp, L.Conv2D(2, 1, name="out")(L.ReLU(name="relu")(L.Add(name="add")([a, b]))))
+    q = qat.quantize_model(m)
+    assert not _wrapper(q, "add").quantize_output and _wrapper(q, "relu").quantize_output
+    assert _wrapper(q, "a").quantize_output  # an Add input keeps its own range
 
 
 # ----- export ----------------------------------------------------------------------

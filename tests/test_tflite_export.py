@@ -123,9 +123,14 @@ def test_convert_asks_is_quantized_model_for_the_qat_path(qat, monkeypatch):
     assert tfl.edgetpu.all_mapped, tfl.edgetpu
 
 
-def test_qat_model_refuses_float_modes(qat):
+def test_qat_model_refuses_float_modes(qat, monkeypatch):
+    # Either sign of QAT is enough: the fake-quant ops in the traced graph, or `tfopt.is_quantized_model`.
     with pytest.raises(ValueError, match="quantization-aware.*mode='int8'"):
-        te.convert(qat, mode="float16", _qat=True)
+        te.convert(qat, mode="float16")
+    monkeypatch.setattr(converter_mod, "_has_fake_quant", lambda concrete: False)
+    monkeypatch.setattr(tfopt, "is_quantized_model", lambda model: True)
+    with pytest.raises(ValueError, match="quantization-aware.*Received: mode='dynamic'"):
+        te.convert(tiny_model(), mode="dynamic")
 
 
 @pytest.mark.slow
@@ -142,6 +147,15 @@ def test_pruned_model_is_stripped_and_zeros_survive(rep):
     assert tfl.report.int8_weight_zero_fraction >= keras_zeros  # int8 rounding only adds zeros
     assert tfl.report.sparse_tensors == 0  # no EXPERIMENTAL_SPARSITY: XNNPACK rejects int8 sparse
     assert tfl.report.gzip_bytes < tfl.report.size_bytes
+
+
+@pytest.mark.slow
+def test_clustered_model_is_stripped(rep):
+    clustered = tfopt.cluster_weights(tiny_model(), 4)
+    tfl = te.convert(clustered, mode="float32", quiet=True)
+    assert [o["op"] for o in tfl.report.ops] == ["CONV_2D", "DEPTHWISE_CONV_2D", "MEAN", "FULLY_CONNECTED", "SOFTMAX"]
+    reference = tfopt.strip_clustering(clustered).predict(rep, verbose=0)
+    np.testing.assert_allclose(tfl.predict(rep), reference, atol=1e-5)
 
 
 # --- model sources ---------------------------------------------------------------------------
@@ -172,11 +186,15 @@ def test_representative_data_as_dataset_and_generator(tiny, rep):
 
 def test_representative_data_sources_and_cap(rep):
     specs = [te._structure.Spec("image", (None, *INPUT_SHAPE), "float32")]
-    np.testing.assert_array_equal(converter_mod._samples(rep, specs, 10)["image"], rep[:10])
+    samples, fixed = converter_mod._samples(rep, specs, 10)
+    np.testing.assert_array_equal(samples["image"], rep[:10])
+    assert fixed == specs
     gen = (x for x in rep)  # single samples, no batch axis
-    assert converter_mod._samples(gen, specs, 300)["image"].shape == rep.shape
+    assert converter_mod._samples(gen, specs, 300)[0]["image"].shape == rep.shape
     pairs = [(rep[i : i + 8], np.zeros(8)) for i in range(0, 32, 8)]
-    assert converter_mod._samples(lambda: iter(pairs), specs, 12)["image"].shape == (12, *INPUT_SHAPE)
+    assert converter_mod._samples(lambda: iter(pairs), specs, 12)[0]["image"].shape == (12, *INPUT_SHAPE)
+    unknown = [te._structure.Spec("input", None, "float32")]  # a subclassed model: the samples give the shape
+    assert converter_mod._samples(rep, unknown, 4)[1] == [unknown[0]._replace(shape=(None, *INPUT_SHAPE))]
 
 
 # --- saving --------------------------------------------------------------------------------

@@ -19,23 +19,35 @@ def tiny():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"target": "coral"}, r"Unknown target 'coral'. Choose one of 'mobile', 'edgetpu', 'micro'"),
-        ({"mode": "int4"}, r"Unknown mode 'int4'. Choose one of 'int8', 'float16', 'dynamic', 'float32', 'int16x8'"),
-        ({"target": "edgetpu", "mode": "float16"}, r"integer models only.*Received: mode='float16'"),
-        ({"target": "edgetpu", "io_dtype": "float32"}, r"choose one of 'int8', 'uint8'"),
-        ({"mode": "float32", "io_dtype": "int8"}, r"io_dtype='int8' is not possible"),
-        ({"max_samples": 0}, r"positive int.*max_samples=0"),
+        ({"target": "coral"}, r"`target` must be one of \('mobile', 'edgetpu', 'micro'\). Received: target='coral'"),
+        ({"mode": "int4"},
+         r"`mode` must be one of \('int8', 'float16', 'dynamic', 'float32', 'int16x8'\). Received: mode='int4'"),
+        ({"target": "edgetpu", "mode": "float16"}, r"runs int8 models only: use mode='int8'. Received: mode='float16'"),
+        ({"target": "micro", "mode": "int16x8"}, r"target='micro' runs int8 models only.*mode='int16x8'"),
+        ({"target": "edgetpu", "io_dtype": "float32"},
+         r"`io_dtype` must be one of \('int8', 'uint8'\). .*target='edgetpu' with mode='int8'.*io_dtype='float32'"),
+        ({"mode": "float32", "io_dtype": "int8"}, r"one of \('float32',\).*mode='float32'.*Received: io_dtype='int8'"),
+        ({"mode": "int16x8", "io_dtype": np.int8}, r"one of \('float32', 'int16'\).*Received: io_dtype='int8'"),
+        ({"max_samples": 0}, r"`max_samples` must be an integer >= 1.*positive.*Received: max_samples=0"),
     ],
-    ids=["target", "mode", "edgetpu-float", "edgetpu-float-io", "float-int8-io", "max-samples"],
+    ids=["target", "mode", "edgetpu-float", "micro-int16x8", "edgetpu-float-io", "float-int8-io", "int16x8-np-int8",
+         "max-samples"],
 )
 def test_bad_arguments_name_the_choices(tiny, kwargs, match):
     with pytest.raises(ValueError, match=match):
         te.convert(tiny, representative_data=rep_data(4), **kwargs)
 
 
-def test_strict_must_be_bool(tiny):
-    with pytest.raises(TypeError, match="strict=1"):
-        te.convert(tiny, representative_data=rep_data(4), strict=1)
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"strict": 1}, r"`strict` must be True or False. Received: strict=1"),
+     ({"max_samples": "300"}, r"`max_samples` must be an integer >= 1.*Received: max_samples='300'"),
+     ({"io_dtype": object()}, r"`io_dtype` must be one of \('int8', 'uint8', 'int16', 'float32'\)")],
+    ids=["strict", "max-samples-str", "io-dtype-object"],
+)
+def test_arguments_of_the_wrong_type(tiny, kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        te.convert(tiny, representative_data=rep_data(4), **kwargs)
 
 
 @pytest.mark.parametrize(

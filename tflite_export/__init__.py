@@ -1,12 +1,8 @@
 """tfopt.tflite_export: verified TFLite export for phones (LiteRT), Coral Edge TPU and microcontrollers.
 
 The only part of tfopt that imports TensorFlow (and only inside `convert`). Everything else reads the
-`.tflite` flatbuffer directly or runs it with LiteRT (`ai_edge_litert`), so `analyze`,
-`edgetpu_report` and `benchmark` work on any `.tflite`, whoever made it.
-
-Models with several inputs and outputs (lists or dicts, float or integer inputs such as token ids)
-convert as they are: the `.tflite` carries the Keras input and output names, calibration data and
-`predict` inputs come as the Keras model takes them, and `predict` answers in its output structure.
+`.tflite` flatbuffer or runs it with LiteRT (`ai_edge_litert`), so it works on any `.tflite`. Models
+with several (list or dict, float or integer) inputs and outputs convert as they are (README).
 
 Example:
     >>> from tfopt import tflite_export

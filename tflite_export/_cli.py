@@ -2,24 +2,25 @@
 
 import json
 import os
+import subprocess
+import sys
 
+import keras
 import numpy as np
+
+from tfopt.tflite_export import analysis, converter, edgetpu, runtime
+from tfopt.tflite_export._io import check_writable
 
 
 def add_subcommands(subparsers):
-    """Registers `convert`, `inspect` and `bench` on an argparse subparsers object.
-
-    Each sets `func(args) -> int` (the exit code). Bad input raises ValueError / TypeError /
-    FileNotFoundError with a one-line message, which the caller prints (exit code 2).
-    """
-    from tfopt.tflite_export.converter import MODES, TARGETS
-
+    """Registers `convert`, `inspect` and `bench`, each setting `func(args) -> exit code`; bad input raises
+    ValueError / TypeError / FileNotFoundError with a one-line message, which the caller prints (exit code 2)."""
     p = subparsers.add_parser("convert", help="convert a .keras model or SavedModel to a verified .tflite")
     p.add_argument("model", help="a .keras file or a SavedModel directory")
     p.add_argument("-o", "--output", required=True, help="the .tflite file to write")
-    p.add_argument("--target", default="mobile", choices=TARGETS)
-    p.add_argument("--mode", default="int8", choices=MODES)
-    p.add_argument("--io-dtype", default=None, choices=("int8", "uint8", "int16", "float32"),
+    p.add_argument("--target", default="mobile", choices=converter.TARGETS)
+    p.add_argument("--mode", default="int8", choices=converter.MODES)
+    p.add_argument("--io-dtype", default=None, choices=converter.IO_DTYPES,
                    help="dtype of the float inputs and outputs (integer ones, e.g. int32 token ids, stay as they are)")
     p.add_argument(
         "--rep-data", default=None, metavar="FILE",
@@ -27,7 +28,8 @@ def add_subcommands(subparsers):
         "array per model input, keyed by input name (np.savez('calib.npz', image=x, meta=m); token ids as "
         "integers); a .npz with a single array feeds a single-input model whatever its key",
     )
-    p.add_argument("--max-samples", type=int, default=300, help="calibration sample cap (default 300)")
+    p.add_argument("--max-samples", type=int, default=converter.DEFAULT_MAX_SAMPLES,
+                   help="calibration sample cap (default %(default)s)")
     p.add_argument("--no-strict", action="store_true", help="warn instead of failing on unmapped/float ops")
     p.add_argument("--c-array", default=None, metavar="STEM", help="also write STEM.h / STEM.cc (micro firmware)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -84,40 +86,22 @@ def _convert_argv(args):
 
 
 def _convert(args):
-    import keras
-
     if keras.backend.backend() != "tensorflow":
         # The converter needs the TensorFlow backend and a process's backend is fixed once keras is
         # imported (tfopt imports it): the same command runs in a TensorFlow-backend child process.
-        import subprocess
-        import sys
-
         env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
         return subprocess.run([sys.executable, "-m", "tfopt", *_convert_argv(args)], env=env).returncode
-
-    from tfopt.tflite_export.converter import convert
-
     if not args.output.endswith(".tflite"):
         raise ValueError(f"The output file must end with .tflite. Received: -o {args.output!r}")
     # Checked before converting: a failure after `tfl.save` would leave the .tflite without its C array.
-    for flag, path in (("-o", args.output), ("--c-array", args.c_array)):
-        folder = os.path.dirname(os.path.abspath(path)) if path else None
-        if folder and not os.path.isdir(folder):
-            raise FileNotFoundError(f"The directory to write into does not exist; create it first. Received: {flag} {path!r}")
-        if flag == "-o" and os.path.isdir(path):
-            raise ValueError(f"This path is a directory, not a file: name the file to write. Received: {flag} {path!r}")
+    check_writable(args.output, f"-o {args.output!r}")
+    if args.c_array:
+        check_writable(args.c_array + ".h", f"--c-array {args.c_array!r}")
     rep = _load_rep_data(args.rep_data) if args.rep_data else None
     try:
-        tfl = convert(
-            args.model,
-            target=args.target,
-            mode=args.mode,
-            representative_data=rep,
-            io_dtype=args.io_dtype,
-            strict=not args.no_strict,
-            max_samples=args.max_samples,
-            quiet=args.quiet,
-        )
+        tfl = converter.convert(args.model, target=args.target, mode=args.mode, representative_data=rep,
+                                io_dtype=args.io_dtype, strict=not args.no_strict, max_samples=args.max_samples,
+                                quiet=args.quiet)
     except ValueError as e:
         if rep is not None or "needs representative_data" not in str(e):
             raise
@@ -131,8 +115,7 @@ def _convert(args):
         tfl.save_c_array(args.c_array)
     print(tfl.report)
     if tfl.edgetpu is not None:
-        print()
-        print(tfl.edgetpu)
+        print(f"\n{tfl.edgetpu}")
     if tfl.arena_bytes is not None:
         print(f"\nTFLite Micro arena: {tfl.arena_bytes:,} bytes")
     print(f"\nWrote {args.output} ({len(tfl.content):,} bytes) in {tfl.conversion_seconds:.1f} s")
@@ -140,27 +123,17 @@ def _convert(args):
 
 
 def _inspect(args):
-    from tfopt.tflite_export.analysis import analyze
-    from tfopt.tflite_export.edgetpu import edgetpu_report
-
-    report = analyze(args.file)
-    tpu = edgetpu_report(args.file) if args.edgetpu else None
+    report = analysis.analyze(args.file)
+    tpu = edgetpu.edgetpu_report(args.file) if args.edgetpu else None
     if args.json:
-        out = {"analysis": report.to_dict()}
-        if tpu is not None:
-            out["edgetpu"] = tpu.to_dict()
+        out = {"analysis": report.to_dict(), **({} if tpu is None else {"edgetpu": tpu.to_dict()})}
         print(json.dumps(out, indent=2))
     else:
-        print(report)
-        if tpu is not None:
-            print()
-            print(tpu)
+        print(report if tpu is None else f"{report}\n\n{tpu}")
     return 0
 
 
 def _bench(args):
-    from tfopt.tflite_export.runtime import benchmark
-
-    result = benchmark(args.file, runs=args.runs, warmup=args.warmup, threads=args.threads)
+    result = runtime.benchmark(args.file, runs=args.runs, warmup=args.warmup, threads=args.threads)
     print(json.dumps(result.to_dict(), indent=2) if args.json else f"{args.file}: {result}")
     return 0

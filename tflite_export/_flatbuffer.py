@@ -1,15 +1,12 @@
-"""A light, fast, read-only view of a `.tflite` flatbuffer.
+"""A fast read-only view of a `.tflite` flatbuffer, and `with_io_names`, its one writer.
 
-Reads with the schema that ships in ai-edge-litert (`ai_edge_litert.schema_py_generated`) through its
-accessor API, not the object API (`ModelT`): unpacking every buffer into Python lists is what makes the
-object API slow on big models, while `DataAsNumpy()` is a zero-copy view. Only the first subgraph's
-operators are walked by the analyses; the others are counted (control flow).
-
-One writer, `with_io_names`, names a model's inputs and outputs (tensors, signature, metadata).
+Reads through the accessor API of ai-edge-litert's schema (`schema_py_generated`), not the object API
+(`ModelT`), which unpacks every buffer into Python lists (slow on big models; `DataAsNumpy()` is a view).
 """
 
 import dataclasses
 import os
+import pathlib
 
 import flatbuffers
 import numpy as np
@@ -29,21 +26,9 @@ TYPE_NAMES = {k: v.lower() for k, v in _enum_names(_schema.TensorType).items()}
 _OPTION_NAMES = _enum_names(_schema.BuiltinOptions)
 _ACTIVATIONS = _enum_names(_schema.ActivationFunctionType)
 
-# Storage dtype of each TFLite tensor type (None: not representable in numpy).
-NUMPY_DTYPES = {
-    "float32": np.float32,
-    "float16": np.float16,
-    "float64": np.float64,
-    "int32": np.int32,
-    "uint8": np.uint8,
-    "int64": np.int64,
-    "bool": np.bool_,
-    "int16": np.int16,
-    "int8": np.int8,
-    "uint16": np.uint16,
-    "uint32": np.uint32,
-    "uint64": np.uint64,
-}
+# Storage dtype of each TFLite tensor type that numpy represents.
+NUMPY_DTYPES = {name: np.dtype(name).type for name in (
+    "float32", "float16", "float64", "int32", "uint8", "int64", "bool", "int16", "int8", "uint16", "uint32", "uint64")}
 
 
 @dataclasses.dataclass
@@ -57,7 +42,6 @@ class Tensor:
     shape_signature: tuple
     buffer: int
     is_constant: bool
-    is_variable: bool
     is_sparse: bool
     scales: np.ndarray
     zero_points: np.ndarray
@@ -83,10 +67,10 @@ class Operator:
     index: int
     name: str
     version: int
+    custom_code: str
     inputs: tuple
     outputs: tuple
     options: object
-    custom_code: str
 
     def option(self, getter, default=None):
         """Reads one field of the builtin options table (`default` when the op has no options)."""
@@ -107,7 +91,10 @@ class Subgraph:
     operators: list
     inputs: tuple
     outputs: tuple
-    name: str
+
+    def output_name(self, op):
+        """The name of `op`'s first output tensor ("" for none): its name scope names the layer."""
+        return self.tensors[op.outputs[0]].name if op.outputs else ""
 
 
 class FlatModel:
@@ -118,7 +105,6 @@ class FlatModel:
         self._model = _schema.Model.GetRootAs(content, 0)
         m = self._model
         self.schema_version = m.Version()
-        self.description = _str(m.Description())
         self.op_codes = []
         for i in range(m.OperatorCodesLength()):
             oc = m.OperatorCodes(i)
@@ -126,10 +112,7 @@ class FlatModel:
             code = max(oc.BuiltinCode(), oc.DeprecatedBuiltinCode())
             name = OP_NAMES.get(code, f"BUILTIN_{code}")
             self.op_codes.append((name, oc.Version(), _str(oc.CustomCode())))
-        self.metadata = {}
-        for i in range(m.MetadataLength()):
-            md = m.Metadata(i)
-            self.metadata[_str(md.Name())] = md.Buffer()
+        self.metadata = {_str(md.Name()): md.Buffer() for md in map(m.Metadata, range(m.MetadataLength()))}
         self.subgraphs = [self._read_subgraph(m.Subgraphs(i)) for i in range(m.SubgraphsLength())]
         self.signatures = {}  # key -> (subgraph index, {input name: tensor}, {output name: tensor})
         for i in range(m.SignatureDefsLength()):
@@ -140,28 +123,9 @@ class FlatModel:
 
     def _read_subgraph(self, sg):
         tensors = [self._read_tensor(sg.Tensors(i), i) for i in range(sg.TensorsLength())]
-        ops = []
-        for i in range(sg.OperatorsLength()):
-            op = sg.Operators(i)
-            name, version, custom = self.op_codes[op.OpcodeIndex()]
-            ops.append(
-                Operator(
-                    index=i,
-                    name=name,
-                    version=version,
-                    inputs=tuple(int(t) for t in _ints(op.InputsAsNumpy())),
-                    outputs=tuple(int(t) for t in _ints(op.OutputsAsNumpy())),
-                    options=_options(op),
-                    custom_code=custom,
-                )
-            )
-        return Subgraph(
-            tensors=tensors,
-            operators=ops,
-            inputs=tuple(int(t) for t in _ints(sg.InputsAsNumpy())),
-            outputs=tuple(int(t) for t in _ints(sg.OutputsAsNumpy())),
-            name=_str(sg.Name()),
-        )
+        ops = [Operator(i, *self.op_codes[op.OpcodeIndex()], _ints(op.InputsAsNumpy()), _ints(op.OutputsAsNumpy()),
+                        _options(op)) for i, op in enumerate(map(sg.Operators, range(sg.OperatorsLength())))]
+        return Subgraph(tensors, ops, _ints(sg.InputsAsNumpy()), _ints(sg.OutputsAsNumpy()))
 
     def _read_tensor(self, t, index):
         q = t.Quantization()
@@ -172,41 +136,25 @@ class FlatModel:
         else:
             scales, zps, qdim = np.zeros(0), np.zeros(0, np.int64), 0
         buf = t.Buffer()
-        return Tensor(
-            index=index,
-            name=_str(t.Name()),
-            dtype=TYPE_NAMES.get(t.Type(), f"type{t.Type()}"),
-            shape=tuple(int(d) for d in _ints(t.ShapeAsNumpy())),
-            shape_signature=None
-            if t.ShapeSignatureIsNone()
-            else tuple(int(d) for d in _ints(t.ShapeSignatureAsNumpy())),
-            buffer=buf,
-            is_constant=self.buffer_size(buf) > 0,
-            is_variable=bool(t.IsVariable()),
-            is_sparse=t.Sparsity() is not None,
-            scales=scales,
-            zero_points=np.asarray(zps, np.int64),
-            quantized_dimension=qdim,
-        )
+        return Tensor(index=index, name=_str(t.Name()), dtype=TYPE_NAMES.get(t.Type(), f"type{t.Type()}"),
+                      shape=_ints(t.ShapeAsNumpy()),
+                      shape_signature=None if t.ShapeSignatureIsNone() else _ints(t.ShapeSignatureAsNumpy()),
+                      buffer=buf, is_constant=self.buffer_size(buf) > 0, is_sparse=t.Sparsity() is not None,
+                      scales=scales, zero_points=np.asarray(zps, np.int64), quantized_dimension=qdim)
 
     @property
     def num_buffers(self):
         return self._model.BuffersLength()
 
     def buffer_size(self, index):
-        if index <= 0 or index >= self._model.BuffersLength():
-            return 0
-        b = self._model.Buffers(index)
-        if b.Offset() > 1:  # Models over 2 GB keep buffers after the flatbuffer.
-            return int(b.Size())
-        return b.DataLength()
+        return self.buffer_data(index).size
 
     def buffer_data(self, index):
         """The raw bytes of buffer `index` as a uint8 numpy view (empty if none)."""
         if index <= 0 or index >= self._model.BuffersLength():
             return np.zeros(0, np.uint8)
         b = self._model.Buffers(index)
-        if b.Offset() > 1:
+        if b.Offset() > 1:  # Models over 2 GB keep buffers after the flatbuffer.
             return np.frombuffer(self.content, np.uint8, count=b.Size(), offset=b.Offset())
         if b.DataLength() == 0:
             return np.zeros(0, np.uint8)
@@ -214,16 +162,12 @@ class FlatModel:
 
     def tensor_value(self, tensor):
         """The constant value of `tensor` as a numpy array (None if not constant or not numeric)."""
-        if not tensor.is_constant or tensor.is_sparse:
-            return None
         dtype = NUMPY_DTYPES.get(tensor.dtype)
-        if dtype is None:
+        if not tensor.is_constant or tensor.is_sparse or dtype is None:
             return None
         data = self.buffer_data(tensor.buffer)
         arr = np.frombuffer(data.tobytes() if not data.flags.c_contiguous else data, dtype)
-        if arr.size != tensor.num_elements:
-            return arr
-        return arr.reshape(tensor.shape)
+        return arr.reshape(tensor.shape) if arr.size == tensor.num_elements else arr
 
     def metadata_string(self, key):
         if key not in self.metadata:
@@ -232,8 +176,8 @@ class FlatModel:
 
 
 def _ints(x):
-    # Flatbuffers' *AsNumpy returns the int 0 when the vector is absent.
-    return x if isinstance(x, np.ndarray) else ()
+    """A tuple of ints from Flatbuffers' *AsNumpy (which returns the int 0 when the vector is absent)."""
+    return tuple(x.tolist()) if isinstance(x, np.ndarray) else ()
 
 
 def _str(b):
@@ -241,12 +185,9 @@ def _str(b):
 
 
 def _options(op):
-    kind = op.BuiltinOptionsType()
     table = op.BuiltinOptions()
-    if not kind or table is None:
-        return None
-    cls = getattr(_schema, _OPTION_NAMES.get(kind, ""), None)
-    if cls is None:
+    cls = getattr(_schema, _OPTION_NAMES.get(op.BuiltinOptionsType(), "NONE"), None)  # no class for NONE
+    if table is None or cls is None:
         return None
     opts = cls()
     opts.Init(table.Bytes, table.Pos)
@@ -273,9 +214,7 @@ def read_bytes(tflite, arg_name="tflite"):
                 f"Expected a .tflite file but got a directory (a SavedModel?). Convert it first with "
                 f"`tfopt.tflite_export.convert(...)`. Received: {arg_name}={path!r}"
             )
-        with open(path, "rb") as f:
-            content = f.read()
-        source = path
+        content, source = pathlib.Path(path).read_bytes(), path
     else:
         raise TypeError(
             f"`{arg_name}` must be the bytes of a .tflite model, a path to one, or a TFLiteModel. "
@@ -311,11 +250,8 @@ def parse(tflite, arg_name="tflite"):
 
 
 def layer_of(tensor_name):
-    """Best guess of the Keras layer that produced a tensor, from TF's name scope `model/layer/op`.
-
-    Fused tensors join several names with ';' (e.g. 'm/re_lu/Relu6;m/conv2d/convolution'); the
-    last one is the op that created the value, so it names the originating layer.
-    """
+    """Best guess of the Keras layer that made a tensor, from TF's name scope `model/layer/op`; of a fused
+    tensor's names ('m/re_lu/Relu6;m/conv2d/convolution') the last is the op that created the value."""
     parts = [p for p in tensor_name.split(";") if "/" in p]
     if not parts:
         return None
@@ -334,13 +270,10 @@ class _AlignedBuilder(flatbuffers.Builder):
 
 
 def with_io_names(content, input_names, output_names, metadata):
-    """The model with its first subgraph's inputs and outputs named, and metadata added.
+    """The model with its first subgraph's I/O tensors renamed (in the subgraph's order), one "serving_default"
+    signature mapping those names, and the `metadata` entries ({name: bytes}) added or replaced.
 
-    Renames the I/O tensors (in the subgraph's order), replaces the signatures with one
-    "serving_default" mapping those names to the tensors (LiteRT's `get_signature_runner`), and adds
-    or replaces the `metadata` entries ({name: bytes}). The converter itself rewrites a model this way
-    (the schema's object API) to change its I/O dtypes. A model over 2 GB (buffers stored after the
-    flatbuffer, which the object API drops) is returned unchanged.
+    A model over 2 GB (buffers after the flatbuffer, which the object API drops) is returned unchanged.
     """
     model = _schema.ModelT.InitFromPackedBuf(content, 0)
     if any(b.offset > 1 for b in model.buffers or ()):

@@ -4,19 +4,20 @@ import os
 import tempfile
 
 
-def atomic_write(path, data):
-    """Writes `data` to a temporary file next to `path`, then renames it over `path`.
-
-    A crash or error leaves `path` as it was (absent or the old content), never half-written.
-    """
-    path = os.fspath(path)
+def check_writable(path, received):
+    """The directory of `path`, once it exists and `path` is no directory; `received`: ``path='m.tflite'``."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
-        raise FileNotFoundError(
-            f"The directory to save into does not exist; create it first. Received: path={path!r}"
-        )
+        raise FileNotFoundError(f"The directory to write into does not exist; create it first. Received: {received}")
     if os.path.isdir(path):
-        raise ValueError(f"This path is a directory, not a file: pass the file to write inside it. Received: path={path!r}")
+        raise ValueError(f"This path is a directory, not a file: name the file to write inside it. Received: {received}")
+    return directory
+
+
+def atomic_write(path, data):
+    """Writes `data` to a temporary file next to `path`, then renames it over `path`: never half-written."""
+    path = os.fspath(path)
+    directory = check_writable(path, f"path={path!r}")
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tfopt-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -2,28 +2,32 @@
 
 Usage: python _micro_worker.py MODEL.tflite INPUTS.npz OUT.npz
 
-Both runtimes abort the whole process (SIGABRT) on some degenerate models instead of raising, so
-`tfopt.tflite_export.micro` never runs them in its own process. Imports neither tfopt nor TF: only
-numpy, tflite_micro and ai_edge_litert, so it starts fast. INPUTS.npz holds `input_<j>`, the
-quantized samples of the model's input j, one per row (batch 1 each). OUT.npz gets `micro` and `litert` outputs (object arrays, one entry
-per output tensor) and `arena_bytes`, the smallest arena that runs the model, found by bisection.
+Both abort the process on some degenerate models, hence a process of its own (no tfopt, no TF: it starts
+fast). INPUTS.npz: `input_<j>`, input j's quantized samples, one per row. OUT.npz: `micro_<j>` and
+`litert_<j>`, every sample's output j in each runtime, and `arena_bytes`, the smallest arena (bisection).
 """
 
+import bisect
 import sys
 
 import numpy as np
 
 
-def _run(runtime, content, arena, samples, n_outputs):
-    it = runtime.Interpreter.from_bytes(content, arena_size=arena)
+def _run(set_input, invoke, get_output, samples, n_outputs):
+    """[every sample's output j, for each output j], running the rows of `samples` one by one."""
     outs = [[] for _ in range(n_outputs)]
     for row in zip(*samples):
         for j, s in enumerate(row):
-            it.set_input(s, j)
-        it.invoke()
+            set_input(j, s)
+        invoke()
         for j in range(n_outputs):
-            outs[j].append(np.array(it.get_output(j)))
-    return outs
+            outs[j].append(np.array(get_output(j)))
+    return [np.stack(o) for o in outs]
+
+
+def _run_micro(runtime, content, arena, samples, n_outputs):
+    it = runtime.Interpreter.from_bytes(content, arena_size=arena)
+    return _run(lambda j, s: it.set_input(s, j), it.invoke, it.get_output, samples, n_outputs)
 
 
 def main(model_path, inputs_path, out_path):
@@ -34,14 +38,15 @@ def main(model_path, inputs_path, out_path):
         content = f.read()
     ref = Interpreter(model_content=content, num_threads=1, experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
     ref.allocate_tensors()
-    n_outputs = len(ref.get_output_details())
     in_indices = [d["index"] for d in ref.get_input_details()]
+    out_indices = [d["index"] for d in ref.get_output_details()]
+    n_outputs = len(out_indices)
     with np.load(inputs_path) as data:
         samples = [data[f"input_{j}"] for j in range(len(in_indices))]
 
     def fits(arena):
         try:
-            _run(runtime, content, arena, [s[:1] for s in samples], n_outputs)
+            _run_micro(runtime, content, arena, [s[:1] for s in samples], n_outputs)
             return True
         except RuntimeError:
             return False
@@ -49,29 +54,14 @@ def main(model_path, inputs_path, out_path):
     hi = max(64 * 1024, 4 * len(content))
     while not fits(hi):
         if hi > (1 << 30):
-            _run(runtime, content, hi, [s[:1] for s in samples], n_outputs)  # raises the real error
+            _run_micro(runtime, content, hi, [s[:1] for s in samples], n_outputs)  # raises the real error
         hi *= 2
-    lo = 0
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            hi = mid
-        else:
-            lo = mid
-    micro = _run(runtime, content, hi, samples, n_outputs)
-    litert = [[] for _ in range(n_outputs)]
-    for row in zip(*samples):
-        for index, s in zip(in_indices, row):
-            ref.set_tensor(index, s)
-        ref.invoke()
-        for j, d in enumerate(ref.get_output_details()):
-            litert[j].append(np.array(ref.get_tensor(d["index"])))
-    np.savez(
-        out_path,
-        arena_bytes=np.int64(hi),
-        **{f"micro_{j}": np.stack(micro[j]) for j in range(n_outputs)},
-        **{f"litert_{j}": np.stack(litert[j]) for j in range(n_outputs)},
-    )
+    hi = bisect.bisect_left(range(hi + 1), True, lo=1, key=fits)  # the smallest arena that fits
+    micro = _run_micro(runtime, content, hi, samples, n_outputs)
+    litert = _run(lambda j, s: ref.set_tensor(in_indices[j], s), ref.invoke, lambda j: ref.get_tensor(out_indices[j]),
+                  samples, n_outputs)
+    np.savez(out_path, arena_bytes=np.int64(hi), **{f"micro_{j}": m for j, m in enumerate(micro)},
+             **{f"litert_{j}": r for j, r in enumerate(litert)})
 
 
 if __name__ == "__main__":

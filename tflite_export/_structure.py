@@ -1,11 +1,8 @@
 """The inputs and outputs of a model: names, structure, and the checks on the arrays fed to it.
 
-A Keras model takes and returns a single tensor, a list or a dict. `convert` writes that into the
-`.tflite` it makes: the I/O tensors carry the Keras names, a "serving_default" signature maps the
-names to the tensors, and the `tfopt_io` metadata entry records the structure (kind and names in
-`keras.tree.flatten` order: lists in order, dicts by sorted key). `TFLiteModel.predict` and
-`compare` read it back, so a file answers in its Keras model's structure; a file made elsewhere
-answers with a list in its own order (a single array for a single output).
+A Keras model takes and returns a tensor, a list or a dict; the `tfopt_io` metadata entry of a `.tflite`
+made by `convert` records which, with the names in `keras.tree.flatten` order (dicts by sorted key), so
+`predict` answers in that structure. A file made elsewhere answers with a list in its own order.
 """
 
 import json
@@ -29,18 +26,17 @@ class Spec(NamedTuple):
         return np.dtype(self.dtype).kind in "iub"
 
 
-def keras_inputs(model):
-    """(kind, [Spec]) of a Keras model's inputs in flat order; None when it has no known inputs.
+def keras_inputs(model, unknown=None):
+    """(kind: "single", "list" or "dict", [Spec] in flat order) of a Keras model's inputs, named by key or Input.
 
-    kind is "single", "list" or "dict"; dict inputs are named by their key, others by the name of
-    their `keras.Input`.
+    A model without known inputs (subclassed) gives None, or with `unknown` (a name) one float input of any shape.
     """
     try:
         inputs = model.inputs
     except (AttributeError, ValueError):  # a subclassed model: no known inputs
-        return None
+        inputs = None
     if not inputs:
-        return None
+        return None if unknown is None else ("single", [Spec(unknown, None, "float32")])
     struct = getattr(model, "_inputs_struct", inputs)  # Functional: the structure `model(...)` takes
     if isinstance(struct, dict):
         kind, named = "dict", sorted(struct.items())
@@ -58,11 +54,8 @@ def keras_inputs(model):
 
 
 def outputs_of(structured, keras_names):
-    """(kind, names) of a traced function's outputs in flat order (`tf.nest.flatten`'s).
-
-    Dicts are named by key; a list or a single tensor by the Keras model's `output_names` when they
-    are as many and unique, else output_0, output_1, ...
-    """
+    """(kind, names) of a traced function's outputs in `tf.nest.flatten` order: dict keys, else `keras_names`
+    when they are as many and unique, else output_0, output_1, ..."""
     import tensorflow as tf
 
     if isinstance(structured, dict) and all(tf.is_tensor(v) for v in structured.values()):
@@ -85,11 +78,8 @@ def metadata(inputs, outputs):
 
 
 def file_io(fm):
-    """((kind, [(name, tensor index)]) for the inputs, the same for the outputs) of a parsed `.tflite`.
-
-    From the `tfopt_io` metadata and the "serving_default" signature where the file has them; else
-    the tensors' own names in the subgraph's order ("single" for one tensor, "list" for several).
-    """
+    """((kind, [(name, tensor index)]) of the inputs, the same of the outputs) of a parsed `.tflite`: from its
+    `tfopt_io` metadata and "serving_default" signature, else the tensor names in the subgraph's order."""
     sg = fm.subgraphs[0]
     sig = fm.signatures.get("serving_default")
     sig = sig if sig is not None and sig[0] == 0 else None
@@ -112,6 +102,12 @@ def file_io(fm):
     return tuple(result)
 
 
+def in_order(found, names):
+    """`found` (names read back from TF, the converter or a model) when it holds exactly `names`; else
+    `names`, whose order is kept where a name is lost (TF renames a tensor, a model lacks output names)."""
+    return list(found) if sorted(map(str, found)) == sorted(map(str, names)) else list(names)
+
+
 def pack(kind, names, arrays):
     """Flat `arrays` in a structure: a single one as itself, else a list or a dict keyed by `names`."""
     if len(arrays) == 1:
@@ -119,17 +115,35 @@ def pack(kind, names, arrays):
     return dict(zip(names, arrays)) if kind == "dict" else list(arrays)
 
 
-def check_keys(value, names, arg, *, what="input", subset=False):
-    """Raises ValueError for a dict `value` with keys outside `names` (or, unless `subset`, missing some)."""
-    unknown = [k for k in value if k not in names]
-    missing = [] if subset else [n for n in names if n not in value]
-    if unknown or missing:
-        raise ValueError(
-            f"`{arg}` must be keyed by the model's {what} names ({', '.join(map(repr, names))})"
-            + (f"; the model has no {what} called {', '.join(map(repr, unknown))}" if unknown else "")
-            + (f"; {', '.join(map(repr, missing))} missing" if missing else "")
-            + f". Rename or add the entries. Received: {arg} with keys {sorted(map(str, value))}"
-        )
+def by_name(value, names, arg, *, what="input", subset=False):
+    """[(name, item, label: ``x['image']``)] of `value`, a dict keyed by `names` (`subset`: by some), a list in
+    their order or (one name) the item itself. ValueError for anything else, listing the names."""
+    listed = ", ".join(map(repr, names))
+    if isinstance(value, dict):
+        unknown = [k for k in value if k not in names]
+        missing = [] if subset else [n for n in names if n not in value]
+        if unknown or missing or not value:
+            raise ValueError(
+                f"`{arg}` must be keyed by the model's {what} names ({listed})"
+                + (f"; the model has no {what} called {', '.join(map(repr, unknown))}" if unknown else "")
+                + (f"; {', '.join(map(repr, missing))} missing" if missing else "")
+                + f". Rename or add the entries. Received: {arg} with keys {sorted(map(str, value))}"
+            )
+        return [(n, value[n], f"{arg}[{n!r}]") for n in names if n in value]
+    if isinstance(value, (list, tuple)) and not (len(names) == 1 and len(value) != 1):
+        if len(value) != len(names):
+            raise ValueError(
+                f"`{arg}` must hold one array per model {what} ({len(names)}: {listed}), in that order, or be a "
+                f"dict keyed by those names. Received: {arg} as a {type(value).__name__} of {len(value)} item(s)"
+            )
+        return [(n, v, f"{arg}[{i}]") for i, (n, v) in enumerate(zip(names, value))]
+    if len(names) == 1:
+        return [(names[0], value, arg)]
+    raise ValueError(
+        f"The model has {len(names)} {what}s ({listed}): `{arg}` must be a list of one array per {what}, in that "
+        f"order, or a dict keyed by {what} name" + (" (some of them)" if subset else "")
+        + f". Received: {arg} of type {type(value).__name__}"
+    )
 
 
 def is_array(v):
@@ -138,41 +152,14 @@ def is_array(v):
 
 
 def named_arrays(value, specs, arg, *, exact_dtype=False, non_numeric=ValueError):
-    """{input name: batch-first array} for one batch of model inputs, after the structural checks.
+    """{input name: batch-first array} of one batch of inputs (see `by_name`), every array checked.
 
-    `value` is an array (a single-input model), a list/tuple in the model's input order or a dict
-    keyed by input name. Integer inputs must get integers (float token ids are never rounded into
-    ids); with `exact_dtype`, float inputs must get floats (calibration: an unscaled uint8 image is a
-    mistake). A sample without its batch axis gets one.
-
-    Raises:
-        ValueError: a missing or unknown input, a list of the wrong length, a wrong dtype or shape,
-            inputs with different batch sizes (`non_numeric` for strings and objects).
+    Integer inputs must get integers (float token ids are never rounded); with `exact_dtype`, float inputs
+    floats (calibration: an unscaled uint8 image is a mistake). ValueError (`non_numeric` for strings).
     """
-    single = len(specs) == 1
-    names = [s.name for s in specs]
-    if isinstance(value, dict):
-        check_keys(value, names, arg)
-        given = [(value[n], f"{arg}[{n!r}]") for n in names]
-    elif isinstance(value, (list, tuple)) and not (single and len(value) != 1):
-        if len(value) != len(specs):
-            raise ValueError(
-                f"`{arg}` must hold one array per model input ({len(specs)}: {', '.join(map(repr, names))}), in "
-                f"that order, or be a dict keyed by those names. Received: {arg} as a {type(value).__name__} of "
-                f"{len(value)} item(s)"
-            )
-        given = [(v, f"{arg}[{i}]") for i, v in enumerate(value)]
-    elif single:
-        given = [(value, arg)]
-    else:
-        raise ValueError(
-            f"The model has {len(specs)} inputs ({', '.join(map(repr, names))}): `{arg}` must be a list of one "
-            f"array per input, in that order, or a dict keyed by input name. Received: {arg} of type "
-            f"{type(value).__name__}"
-        )
-    out = {}
-    for spec, (raw, label) in zip(specs, given):
-        out[spec.name] = _checked(raw, spec, label, exact_dtype, non_numeric)
+    by_spec = {s.name: s for s in specs}
+    out = {name: _checked(raw, by_spec[name], label, exact_dtype, non_numeric)
+           for name, raw, label in by_name(value, list(by_spec), arg)}
     sizes = {n: len(a) for n, a in out.items()}
     if len(set(sizes.values())) > 1:
         raise ValueError(

@@ -8,6 +8,7 @@ import zlib
 
 import numpy as np
 
+from tfopt._report import render_table
 from tfopt.tflite_export import _flatbuffer
 
 _INT8_LIKE = ("int8", "uint8")
@@ -30,32 +31,23 @@ _GZIP_BLOCK = 1 << 20
 
 
 def _gzip_size(content):
-    """Size of `gzip -6 content`, compressed in 1 MiB blocks on all cores.
+    """Size of `gzip -6 content`, compressed in 1 MiB blocks in parallel threads (zlib releases the GIL).
 
-    zlib releases the GIL, so blocks compress in parallel threads; restarting the 32 KiB window per
-    MiB costs well under 0.1% against one stream, and float models of tens of MB stay fast.
+    Restarting the 32 KiB window per MiB costs well under 0.1% against one stream.
     """
     blocks = [content[i : i + _GZIP_BLOCK] for i in range(0, len(content), _GZIP_BLOCK)] or [b""]
-    workers = max(1, min(len(blocks), os.cpu_count() or 1, 8))
 
     def deflated(block):
         c = zlib.compressobj(6, zlib.DEFLATED, -15)  # raw deflate: no zlib header / checksum
         return len(c.compress(block)) + len(c.flush())
 
-    if workers == 1:
-        body = sum(map(deflated, blocks))
-    else:
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            body = sum(pool.map(deflated, blocks))
+    with concurrent.futures.ThreadPoolExecutor(min(len(blocks), os.cpu_count() or 1, 8)) as pool:
+        body = sum(pool.map(deflated, blocks))
     return body + 18  # gzip's 10-byte header and 8-byte trailer
 
 
 def io_edge_ops(sg):
-    """Indices of the QUANTIZE/DEQUANTIZE ops that only convert the model's inputs or outputs.
-
-    The converter adds them for float or uint8 I/O around an int8 graph; anywhere else they mean part
-    of the graph runs in float.
-    """
+    """Indices of the QUANTIZE/DEQUANTIZE ops that only convert the model's inputs or outputs (float, uint8 I/O)."""
     edge = set()
     inputs, outputs = set(sg.inputs), set(sg.outputs)
     for op in sg.operators:
@@ -83,8 +75,6 @@ def _float_leaks(sg, edge_ops):
             for t in op.inputs + op.outputs
             if t >= 0 and sg.tensors[t].dtype in _FLOAT and t not in edge_tensors
         ]
-        if op.name == "DEQUANTIZE" and sg.tensors[op.inputs[0]].is_constant and not bad:
-            continue
         if bad:
             leaks.append((op, bad))
     return leaks
@@ -137,11 +127,10 @@ class Analysis:
                 q = "" if io["scale"] is None else f"  scale={_fmt_scale(io['scale'])} zero_point={io['zero_point']}"
                 sig = io["shape_signature"] if io["shape_signature"] is not None else io["shape"]
                 lines.append(f"{label:<7}{io['name']:<40} {io['dtype']:<8} {sig}{q}")
-        lines += ["", _table(["op", "version", "count"], [[o["op"], o["version"], o["count"]] for o in f["ops"]])]
-        rows = [
-            [dt, d["activations"], d["constants"], f"{d['bytes']:,}"] for dt, d in sorted(f["tensor_dtypes"].items())
-        ]
-        lines += ["", _table(["dtype", "activations", "constants", "constant bytes"], rows)]
+        ops = [[o["op"], o["version"], o["count"]] for o in f["ops"]]
+        lines += ["", render_table(["op", "version", "count"], ops, right=(1, 2))]
+        rows = [[dt, d["activations"], d["constants"], f"{d['bytes']:,}"] for dt, d in sorted(f["tensor_dtypes"].items())]
+        lines += ["", render_table(["dtype", "activations", "constants", "constant bytes"], rows, right=(1, 2, 3))]
         if f["float_leaks"]:
             lines += ["", "Float ops leaked into the integer graph:"]
             lines += [f"  op #{x['op_index']} {x['op']} (layer {x['layer']!r}): {', '.join(x['tensors'])}"
@@ -165,34 +154,16 @@ def _json_default(o):
         return o.item()
     if isinstance(o, np.ndarray):
         return o.tolist()
-    if isinstance(o, tuple):
-        return list(o)
     raise TypeError(type(o).__name__)
 
 
-def _table(header, rows):
-    cols = [header] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cols) for i in range(len(header))]
-    fmt = "  ".join("{:<%d}" % w for w in widths)
-    out = [fmt.format(*header), fmt.format(*["-" * w for w in widths])]
-    out += [fmt.format(*r) for r in cols[1:]]
-    return "\n".join(out)
+def _io(t):
+    def param(a):  # a number per tensor, a list per channel
+        return None if not t.quantized else a.tolist()[0] if a.size == 1 else a.tolist()
 
-
-def _io(tensor):
-    if tensor.quantized:
-        scale = float(tensor.scales[0]) if tensor.scales.size == 1 else tensor.scales.tolist()
-        zp = int(tensor.zero_points[0]) if tensor.zero_points.size == 1 else tensor.zero_points.tolist()
-    else:
-        scale, zp = None, None
-    return {
-        "name": tensor.name,
-        "dtype": tensor.dtype,
-        "shape": list(tensor.shape),
-        "shape_signature": None if tensor.shape_signature is None else list(tensor.shape_signature),
-        "scale": scale,
-        "zero_point": zp,
-    }
+    return {"name": t.name, "dtype": t.dtype, "shape": list(t.shape),
+            "shape_signature": None if t.shape_signature is None else list(t.shape_signature),
+            "scale": param(t.scales), "zero_point": param(t.zero_points)}
 
 
 def _weight_tensors(sg):
@@ -203,20 +174,18 @@ def _weight_tensors(sg):
         for slot, t in enumerate(op.inputs):
             if t < 0 or not sg.tensors[t].is_constant:
                 continue
-            tensor = sg.tensors[t]
-            if (slots is not None and slot in slots) or (
-                slots is None and tensor.dtype in _FLOAT + ("int8", "uint8", "int16")
-            ):
-                weights.add(t)
-            elif op.name == "DEQUANTIZE":  # float16 / dynamic-range weights stored quantized
+            if slots is None:  # by dtype; DEQUANTIZE's input: a float16 / dynamic-range weight stored quantized
+                weight = op.name == "DEQUANTIZE" or sg.tensors[t].dtype in _FLOAT + ("int8", "uint8", "int16")
+            else:
+                weight = slot in slots
+            if weight:
                 weights.add(t)
     return weights
 
 
 def _weight_lookups(sg):
-    """Outputs of GATHER / EMBEDDING_LOOKUP from a constant table: in a dynamic-range model an int8
-    embedding table gives int8 rows that are dequantized right away, so they are weights, not an
-    integer graph."""
+    """Outputs of GATHER / EMBEDDING_LOOKUP from a constant table: in a dynamic-range model, int8 rows
+    dequantized right away (weights, not an integer graph)."""
     slot = {"GATHER": 0, "EMBEDDING_LOOKUP": 1}
     return {op.outputs[0] for op in sg.operators
             if op.name in slot and op.outputs and sg.tensors[op.inputs[slot[op.name]]].is_constant}
@@ -244,40 +213,30 @@ def _kind(sg, leaks):
 
 def _analyze_model(fm, gzip_bytes):
     sg = fm.subgraphs[0]
-    hist = collections.OrderedDict()
-    for op in sg.operators:
-        key = (op.name if op.name != "CUSTOM" else f"CUSTOM:{op.custom_code}", op.version)
-        hist[key] = hist.get(key, 0) + 1
+    hist = collections.Counter((op.name if op.name != "CUSTOM" else f"CUSTOM:{op.custom_code}", op.version)
+                               for op in sg.operators)  # in order of first use
     dtypes = {}
     for t in sg.tensors:
         d = dtypes.setdefault(t.dtype, {"activations": 0, "constants": 0, "bytes": 0})
-        if t.is_constant:
-            d["constants"] += 1
-            d["bytes"] += fm.buffer_size(t.buffer)
-        else:
-            d["activations"] += 1
+        d["constants" if t.is_constant else "activations"] += 1
+        d["bytes"] += fm.buffer_size(t.buffer)  # 0 for activations
     edge = io_edge_ops(sg)
     lookups = _weight_lookups(sg)
     has_int_acts = any(t.dtype in _INT8_LIKE + ("int16",) and not t.is_constant and t.index not in lookups
                        for t in sg.tensors)
     leaks = _float_leaks(sg, edge) if has_int_acts else []
     weights = _weight_tensors(sg)
-    n_params = 0
-    zeros = total_int8 = 0
+    n_params = zeros = total_int8 = 0
     seen_buffers = set()
     for t in (sg.tensors[i] for i in sorted(weights)):
         n_params += t.num_elements
         if t.dtype == "int8" and t.buffer not in seen_buffers and not t.is_sparse:
             seen_buffers.add(t.buffer)
             data = fm.buffer_data(t.buffer).view(np.int8)
-            zp = t.zero_points
-            if zp.size <= 1:
-                zeros += int(np.count_nonzero(data == (int(zp[0]) if zp.size else 0)))
-            else:  # per-channel zero points (asymmetric weights are rare, but legal)
-                v = data.reshape(t.shape)
-                shape = [1] * v.ndim
-                shape[t.quantized_dimension] = -1
-                zeros += int(np.count_nonzero(v == zp.reshape(shape)))
+            zp = t.zero_points if t.zero_points.size else np.zeros(1, np.int64)
+            if zp.size > 1:  # per-channel zero points (asymmetric weights are rare, but legal)
+                data = np.moveaxis(data.reshape(t.shape), t.quantized_dimension, -1)
+            zeros += int(np.count_nonzero(data == zp))
             total_int8 += data.size
     return {
         "size_bytes": len(fm.content),
@@ -289,15 +248,8 @@ def _analyze_model(fm, gzip_bytes):
         "num_ops": len(sg.operators),
         "ops": [{"op": k[0], "version": k[1], "count": n} for k, n in hist.items()],
         "tensor_dtypes": dtypes,
-        "float_leaks": [
-            {
-                "op_index": op.index,
-                "op": op.name,
-                "layer": _flatbuffer.layer_of(sg.tensors[op.outputs[0]].name) if op.outputs else None,
-                "tensors": [t.name for t in bad],
-            }
-            for op, bad in leaks
-        ],
+        "float_leaks": [{"op_index": op.index, "op": op.name, "layer": _flatbuffer.layer_of(sg.output_name(op)),
+                         "tensors": [t.name for t in bad]} for op, bad in leaks],
         "parameter_count": n_params,
         "int8_weight_zero_fraction": (zeros / total_int8) if total_int8 else None,
         "sparse_tensors": sum(t.is_sparse for t in sg.tensors),

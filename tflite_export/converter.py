@@ -1,63 +1,82 @@
 """`convert`: Keras 3 model -> a verified `.tflite` for phones (LiteRT), Coral Edge TPU or microcontrollers.
 
-The route: `keras.export.ExportArchive` with one endpoint, `model(x, training=False)` traced on
-static batch-1 `TensorSpec`s (`x` in the model's input structure: a tensor, a list or a dict),
-converted with `tf.lite.TFLiteConverter.from_concrete_functions([fn], archive)`, the archive
-holding the model's variables. `TFLiteConverter.from_keras_model` builds the same
-archive for Keras 3 but writes it out as a SavedModel and loads it back, which is most of its time
-(MobileNetV2: ~4x slower end to end, identical int8 outputs). It also keeps Keras' dynamic batch: Keras inputs default to a `None`
-batch, which gives `-1` shape signatures (the Edge TPU compiler rejects them) and SHAPE /
-STRIDED_SLICE / PACK int32 ops around Flatten. Traps avoided on purpose:
+The model is traced with `keras.export.ExportArchive` on static batch-1 `TensorSpec`s (in its input structure)
+and converted with `TFLiteConverter.from_concrete_functions([fn], archive)`. `from_keras_model` writes and reloads
+a SavedModel (MobileNetV2: ~4x slower end to end, identical int8 outputs) and keeps Keras' `None` batch: `-1`
+shape signatures (the Edge TPU compiler rejects them) and SHAPE / STRIDED_SLICE / PACK ops around Flatten. A
+SavedModel directory is re-exported with a static batch 1. Never set, on purpose: `SELECT_TF_OPS` (the default of
+`model.export(format="litert")`: Flex ops no runtime here has) and `Optimize.EXPERIMENTAL_SPARSITY` (int8 DENSIFY
+makes XNNPACK fail to prepare in ai-edge-litert 2.3.0; its sparse inference is float-only, no speedup on x86).
 
-- `from_concrete_functions([cf], trackable_obj=model)` silently drops Keras 3 weights (NaN model): the
-  trackable must be the `ExportArchive`, which holds the variables.
-- `model.export(format="litert")` defaults to `SELECT_TF_OPS` (Flex ops no runtime here has).
-- `supported_ops=[TFLITE_BUILTINS_INT8]` demands a representative dataset even for QAT graphs, so
-  the QAT path only sets `optimizations=[DEFAULT]` and the int8 I/O types.
-- `Optimize.EXPERIMENTAL_SPARSITY` is never set: int8 sparse tensors (DENSIFY) make XNNPACK fail to
-  prepare in ai-edge-litert 2.3.0, and XNNPACK's sparse inference is float-only and gave no speedup
-  on x86. Pruned weights still pay off in the compressed size, which `analyze` reports.
-
-The converter leaves the I/O tensors unnamed ("Identity", "Identity_1") and without a signature, so
-`convert` then names them after the Keras inputs and outputs and records the model's I/O structure
-(`_structure`): `TFLiteModel.predict` takes and returns what the Keras model does.
-
-After every conversion the result is checked (I/O dtypes, every tensor integer, no float QUANTIZE /
-DEQUANTIZE inside the graph, static batch 1, every output finite on LiteRT), and the targets add their
-own checks: the Edge TPU report (strict: every op maps) and a TFLite Micro run in a subprocess.
-Integer inputs (token ids, masks) stay unquantized integers in every mode.
+The converter leaves the I/O tensors unnamed ("Identity"), so `_with_names` names them after the Keras inputs
+and outputs and records the I/O structure (`_structure`). Every result is then checked (`_verify`,
+`_sanity_run`), and by its target (`_TARGETS`).
 """
 
-import contextlib
 import functools
 import os
 import re
-import shutil
 import tempfile
 import time
 import warnings
+from typing import NamedTuple
 
+import keras
 import numpy as np
 
+import tfopt
+from tfopt import _checks, _wrappers
 from tfopt.tflite_export import _flatbuffer, _structure, analysis as _analyze, edgetpu as _edgetpu, micro as _micro
 from tfopt.tflite_export import runtime as _runtime
-from tfopt.tflite_export._errors import ConversionError, EdgeTPUError, MicroError
+from tfopt.tflite_export._errors import ConversionError
 from tfopt.tflite_export._io import atomic_write
 
-TARGETS = ("mobile", "edgetpu", "micro")
-MODES = ("int8", "float16", "dynamic", "float32", "int16x8")
 IO_DTYPES = ("int8", "uint8", "int16", "float32")
 DEFAULT_MAX_SAMPLES = 300
 MICRO_CHECK_SAMPLES = 16
 
-_FAKE_QUANT_OPS = (
-    "FakeQuantWithMinMaxVars",
-    "FakeQuantWithMinMaxVarsPerChannel",
-    "FakeQuantWithMinMaxArgs",
-    "QuantizeAndDequantizeV2",
-    "QuantizeAndDequantizeV3",
-    "QuantizeAndDequantizeV4",
-)
+
+class _Mode(NamedTuple):
+    """What a mode allows, and for the integer modes (calibrated, every tensor checked) their dtypes."""
+
+    io_dtypes: tuple  # the dtypes of the model's float inputs and outputs, the default first
+    activations: str = None  # integer modes: the dtype of every activation
+    constants: tuple = ()  # integer modes: the dtypes constants may have
+    ops_set: str = None  # integer modes: the converter's `tf.lite.OpsSet` for calibrated (not QAT) models
+
+
+_MODES = {
+    "int8": _Mode(("int8", "uint8", "float32"), "int8", ("int8", "int32", "int64"), "TFLITE_BUILTINS_INT8"),
+    "float16": _Mode(("float32",)),
+    "dynamic": _Mode(("float32",)),
+    "float32": _Mode(("float32",)),
+    "int16x8": _Mode(("float32", "int16"), "int16", ("int8", "int16", "int32", "int64"),
+                     "EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8"),
+}
+MODES = tuple(_MODES)
+
+
+class _Target(NamedTuple):
+    """What a target takes, and what `convert` checks on what the converter made for it."""
+
+    modes: tuple = MODES
+    io_dtypes: tuple = None  # None: those of the mode
+    xnnpack: bool = True  # the sanity run also runs XNNPACK, LiteRT's default CPU runtime
+    one_subgraph: bool = False  # control flow (a second subgraph) is a problem
+    # check(content, samples, layer) -> (result, error or None): `result` becomes the `TFLiteModel`
+    # attribute named after the target; `error` is raised (strict) or warned about.
+    check: object = None
+
+
+_TARGETS = {
+    "mobile": _Target(),
+    "edgetpu": _Target(("int8",), ("int8", "uint8"), one_subgraph=True, check=_edgetpu.check_converted),
+    "micro": _Target(("int8",), xnnpack=False, one_subgraph=True, check=_micro.check_converted),
+}
+TARGETS = tuple(_TARGETS)
+
+_FAKE_QUANT_OPS = ("FakeQuantWithMinMaxVars", "FakeQuantWithMinMaxVarsPerChannel", "FakeQuantWithMinMaxArgs",
+                   "QuantizeAndDequantizeV2", "QuantizeAndDequantizeV3", "QuantizeAndDequantizeV4")
 
 
 def _tf():
@@ -83,14 +102,10 @@ class TFLiteModel:
                  conversion_seconds=None, report=None):
         _flatbuffer.check_identifier(content, f"content=<{len(content)} bytes>")
         self.content = bytes(content)
-        self.target = target
-        self.mode = mode
-        self.io_dtype = io_dtype
-        self.edgetpu = edgetpu
-        self.micro = micro
-        self.conversion_seconds = conversion_seconds
-        self._report = report
-        self._runner = None
+        self.target, self.mode, self.io_dtype = target, mode, io_dtype
+        self.edgetpu, self.micro, self.conversion_seconds = edgetpu, micro, conversion_seconds
+        if report is not None:
+            self.report = report
 
     @classmethod
     def load(cls, path):
@@ -101,11 +116,13 @@ class TFLiteModel:
     def arena_bytes(self):
         return None if self.micro is None else self.micro.arena_bytes
 
-    @property
+    @functools.cached_property
     def report(self):
-        if self._report is None:
-            self._report = _analyze.analyze(self.content)
-        return self._report
+        return _analyze.analyze(self.content)
+
+    @functools.cached_property
+    def _runner(self):
+        return _runtime.Runner(self.content)
 
     def __len__(self):
         return len(self.content)
@@ -129,20 +146,15 @@ class TFLiteModel:
         """
         return _micro.save_c_array(self.content, path_stem, var_name)
 
-    def _get_runner(self):
-        if self._runner is None:
-            self._runner = _runtime.Runner(self.content)
-        return self._runner
-
     @property
     def input_names(self):
         """The model's input names, in its input order (a list `predict` takes follows it)."""
-        return list(self._get_runner().input_names)
+        return list(self._runner.input_names)
 
     @property
     def output_names(self):
         """The model's output names, in its output order."""
-        return list(self._get_runner().output_names)
+        return list(self._runner.output_names)
 
     def predict(self, x):
         """Model inputs (batch first) -> outputs, on LiteRT, in the Keras model's structure.
@@ -163,7 +175,7 @@ class TFLiteModel:
         Example:
             >>> tfl.predict({"image": images, "meta": meta})["cls"].argmax(-1)
         """
-        return self._get_runner().predict(x)
+        return self._runner.predict(x)
 
     def evaluate(self, x, y):
         """Classification accuracy on LiteRT; `y` holds integer labels or one-hot rows.
@@ -175,7 +187,7 @@ class TFLiteModel:
         Example:
             >>> tfl.evaluate({"image": images, "meta": meta}, {"cls": labels})
         """
-        return self._get_runner().evaluate(x, y)
+        return self._runner.evaluate(x, y)
 
     def benchmark(self, runs=100, warmup=10, threads=1, kernels="xnnpack"):
         """Median LiteRT latency (see `tfopt.tflite_export.benchmark`)."""
@@ -187,48 +199,29 @@ class TFLiteModel:
 
 
 def _check_args(target, mode, io_dtype, strict, max_samples):
-    if target not in TARGETS:
-        raise ValueError(
-            f"Unknown target {target!r}. Choose one of {', '.join(repr(t) for t in TARGETS)}. Received: target={target!r}"
-        )
-    if mode not in MODES:
-        raise ValueError(
-            f"Unknown mode {mode!r}. Choose one of {', '.join(repr(m) for m in MODES)}. Received: mode={mode!r}"
-        )
-    if target in ("edgetpu", "micro") and mode != "int8":
-        raise ValueError(
-            f"target={target!r} runs integer models only: use mode='int8' (the default). Received: mode={mode!r}"
-        )
-    if not isinstance(strict, bool):
-        raise TypeError(f"`strict` must be True or False. Received: strict={strict!r}")
-    if not isinstance(max_samples, int) or isinstance(max_samples, bool) or max_samples < 1:
-        raise ValueError(f"`max_samples` must be a positive int. Received: max_samples={max_samples!r}")
+    """`io_dtype` as a dtype name (the mode's default for None), once every argument is checked."""
+    _checks.check_choice(target, "target", TARGETS)
+    _checks.check_choice(mode, "mode", MODES)
+    modes = _TARGETS[target].modes
+    if mode not in modes:
+        raise ValueError(f"target={target!r} runs {', '.join(modes)} models only: use "
+                         f"{' or '.join(f'mode={m!r}' for m in modes)}. Received: mode={mode!r}")
+    _checks.check_bool(strict, "strict")
+    _checks.check_int(max_samples, "max_samples", minimum=1, hint="It caps the calibration samples: any positive "
+                      f"number (default {DEFAULT_MAX_SAMPLES}).")
+    allowed = _TARGETS[target].io_dtypes or _MODES[mode].io_dtypes
     if io_dtype is None:
-        io_dtype = "float32" if mode not in ("int8",) else "int8"
+        return allowed[0]
     if not isinstance(io_dtype, str):  # np.int8, tf.int8, ...
         try:
             io_dtype = np.dtype(getattr(io_dtype, "as_numpy_dtype", io_dtype)).name
         except TypeError:
-            raise TypeError(
-                f"`io_dtype` must be one of {', '.join(repr(d) for d in IO_DTYPES)}. Received: io_dtype={io_dtype!r}"
-            ) from None
-    allowed = {
-        "int8": ("int8", "uint8", "float32"),
-        "int16x8": ("int16", "float32"),
-    }.get(mode, ("float32",))
-    if target == "edgetpu":
-        allowed = ("int8", "uint8")
-    if io_dtype not in allowed:
-        raise ValueError(
-            f"io_dtype={io_dtype!r} is not possible with target={target!r}, mode={mode!r}: choose one of "
-            f"{', '.join(repr(a) for a in allowed)}. Received: io_dtype={io_dtype!r}"
-        )
-    return io_dtype
+            raise TypeError(f"`io_dtype` must be one of {IO_DTYPES}. Received: io_dtype={io_dtype!r}") from None
+    return _checks.check_choice(io_dtype, "io_dtype", allowed,
+                                hint=f"Those are what target={target!r} with mode={mode!r} can take.")
 
 
 def _check_backend():
-    import keras
-
     backend = keras.backend.backend()
     if backend != "tensorflow":
         # The converter traces the model as a TensorFlow graph: a JAX or PyTorch model object cannot
@@ -243,9 +236,7 @@ def _check_backend():
 
 
 def _load_model(model):
-    """(keras model or None, SavedModel dir or None) from a model, a .keras path or a SavedModel dir."""
-    import keras
-
+    """(keras model, None) or (None, `_load_saved_model(dir)`) from a model, a .keras path or a SavedModel dir."""
     if isinstance(model, keras.Model):
         return model, None
     if isinstance(model, keras.layers.Layer):
@@ -265,7 +256,7 @@ def _load_model(model):
         )
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "saved_model.pb")):
-            return None, path
+            return None, _load_saved_model(path)
         raise ValueError(
             "This directory is not a SavedModel (it has no saved_model.pb). Pass a SavedModel directory, a "
             f"`.keras` file or a keras Model. Received: model={path!r}"
@@ -279,10 +270,7 @@ def _load_model(model):
         raise ValueError(
             f"Not a model file: expected a `.keras` file or a SavedModel directory. Received: model={path!r}"
         )
-    import tfopt  # registers tfopt's serializable layers before loading
-
-    del tfopt
-    try:
+    try:  # tfopt's serializable layers are registered: `import tfopt` above
         return keras.saving.load_model(path, compile=False), None
     except Exception as e:  # zip / h5 / config errors all mean "cannot read this file as a model"
         raise ValueError(
@@ -291,25 +279,30 @@ def _load_model(model):
         ) from None
 
 
-def _strip_wrappers(model):
-    """The model with tfopt's training wrappers (pruning, clustering) stripped."""
-    import tfopt
+def _load_saved_model(path):
+    """(the loaded SavedModel, its serving signature, [Spec] of the signature's inputs by sorted name)."""
+    loaded = _tf().saved_model.load(path)
+    sigs = getattr(loaded, "signatures", {})
+    if "serving_default" not in sigs:
+        raise ValueError(
+            "The SavedModel has no 'serving_default' signature to convert. Export it with `model.export(dir)`. "
+            f"Received: model={path!r}"
+        )
+    sig = sigs["serving_default"]
+    specs = sig.structured_input_signature[1]
+    return loaded, sig, [_structure.Spec(k, tuple(v.shape.as_list()), v.dtype.name) for k, v in sorted(specs.items())]
 
-    for wrapper, strip in ((tfopt.PruneLowMagnitude, tfopt.strip_pruning), (tfopt.ClusterWeights, tfopt.strip_clustering)):
-        if any(isinstance(layer, wrapper) for layer in model._flatten_layers()):
-            model = strip(model)
-    return model
+
+def _stripped(model):
+    """`model` with tfopt's training wrappers (pruning, clustering) stripped; itself when it has none."""
+    return _wrappers.strip(model) if _wrappers.find(model, _wrappers.STRIPPED, include_self=False) else model
 
 
 def _float32_twin(model):
-    """`model` itself, or, if any layer computes in float16/bfloat16 (mixed precision), a float32 copy.
+    """`model`, or a float32 copy (same config and weights) if a layer computes in float16/bfloat16.
 
-    The converter cannot lower a mixed graph ("binary op operands have same element type"); the float32
-    copy has the same architecture (every dtype policy in the config set to float32) and the same
-    weights, which mixed precision keeps in float32 anyway. The user's model is not modified.
+    The converter cannot lower a mixed graph ("binary op operands have same element type").
     """
-    import keras
-
     if all(layer.dtype_policy.compute_dtype == "float32" for layer in model._flatten_layers()):
         return model
 
@@ -334,11 +327,8 @@ def _float32_twin(model):
 
 
 def _check_weights(model):
-    bad = []
-    for w in model.weights:
-        v = np.asarray(w.numpy() if hasattr(w, "numpy") else w)
-        if v.dtype.kind == "f" and not np.all(np.isfinite(v)):
-            bad.append(repr(w.path))
+    values = ((w, keras.ops.convert_to_numpy(w)) for w in model.weights)
+    bad = [repr(w.path) for w, v in values if v.dtype.kind == "f" and not np.all(np.isfinite(v))]
     if bad:
         raise ValueError(
             f"The model has NaN or inf weights in: {', '.join(bad)}. Check the training (learning rate, "
@@ -346,17 +336,24 @@ def _check_weights(model):
         )
 
 
-def _input_spec(model, has_data):
-    """(kind, [Spec]) of the model's inputs (see `_structure.keras_inputs`)."""
-    io = _structure.keras_inputs(model)
-    if io is not None:
-        return io
-    if has_data:  # subclassed model: the representative samples give the input shape
-        return "single", [_structure.Spec("input", None, "float32")]
-    raise ValueError(
-        "The model has no known input shape (a subclassed model?): pass representative_data, or build it "
-        f"with the Functional API (`keras.Input(...)`). Received: model={model.name!r}"
-    )
+def _inputs(keras_model, saved, data, max_samples):
+    """(kind, [Spec], samples or None), every input checked: shapes fixed by the representative data's."""
+    # A subclassed model has no known inputs: the representative samples give their shape.
+    io = ("dict", saved[2]) if saved else _structure.keras_inputs(keras_model, None if data is None else "input")
+    if io is None:
+        raise ValueError(
+            "The model has no known input shape (a subclassed model?): pass representative_data, or build it "
+            f"with the Functional API (`keras.Input(...)`). Received: model={keras_model.name!r}"
+        )
+    kind, specs = io
+    samples, specs = (None, specs) if data is None else _samples(data, specs, max_samples)
+    for s in specs:
+        if s.shape is None or any(d is None for d in s.shape[1:]):
+            raise ValueError(
+                f"The model input {s.name!r} has unknown dimensions {s.shape}: give `keras.Input` a full shape, or "
+                "pass representative_data so it can be fixed. Received: representative_data=None"
+            )
+    return kind, specs, samples
 
 
 def _layer_resolver(model, output_names=()):
@@ -366,9 +363,7 @@ def _layer_resolver(model, output_names=()):
     names = {layer.name for layer in model._flatten_layers(include_self=False)}
     ops = [getattr(getattr(t, "_keras_history", None), "operation", None) for t in getattr(model, "outputs", [])]
     # `convert` names the output tensors after the Keras outputs: map them to the layers that make them.
-    outputs = {}
-    if len(ops) == len(output_names):
-        outputs = {n: op.name for n, op in zip(output_names, ops) if op is not None}
+    outputs = {n: op.name for n, op in zip(output_names, ops) if op is not None and len(ops) == len(output_names)}
 
     def resolve(tensor_name):
         if tensor_name in outputs:
@@ -403,29 +398,20 @@ def _is_batch(data, k):
 
 
 def _iter_raw(data, k):
-    if _is_batch(data, k):
-        yield data
-        return
-    tf_data = None
-    with contextlib.suppress(ImportError):
-        tf_data = _tf().data.Dataset
-    if tf_data is not None and isinstance(data, tf_data):
-        yield from data.as_numpy_iterator()
-        return
-    if callable(data) and not hasattr(data, "__next__"):
+    if callable(data) and not hasattr(data, "__next__"):  # a generator function
         data = data()
-        if _is_batch(data, k):
-            yield data
-            return
+    if _is_batch(data, k):
+        return iter([data])
+    if isinstance(data, _tf().data.Dataset):
+        return data.as_numpy_iterator()
     try:
-        it = iter(data)
+        return iter(data)
     except TypeError:
         raise TypeError(
             "`representative_data` must be a numpy array, a tf.data.Dataset, or a generator / callable yielding "
             "arrays; for a model with several inputs, a list or a dict of arrays (one per input) or any of those "
             f"yielding them. Received: representative_data of type {type(data).__name__}"
         ) from None
-    yield from it
 
 
 def _inputs_of(el, k):
@@ -439,13 +425,18 @@ def _inputs_of(el, k):
     return el
 
 
+def _with_shapes(specs, arrays):
+    """`specs` with the feature shapes of `arrays` ({name: batch-first array})."""
+    return [s._replace(shape=(None,) + arrays[s.name].shape[1:]) for s in specs]
+
+
 def _samples(data, specs, max_samples):
-    """Up to `max_samples` validated samples of every input, {name: (N, ...) array}, from any supported source."""
+    """(up to `max_samples` validated samples of every input, {name: (N, ...) array}; `specs` with their shapes)."""
     chunks, n = [], 0
     for el in _iter_raw(data, len(specs)):
         x = _structure.named_arrays(_inputs_of(el, len(specs)), specs, "representative_data", exact_dtype=True)
         if specs[0].shape is None:  # no known model input (subclassed model): batch-first samples define it
-            specs = [s._replace(shape=(None,) + x[s.name].shape[1:]) for s in specs]
+            specs = _with_shapes(specs, x)
         take = min(len(x[specs[0].name]), max_samples - n)
         chunks.append({name: v[:take] for name, v in x.items()})
         n += take
@@ -466,18 +457,36 @@ def _samples(data, specs, max_samples):
             )
         samples[s.name] = np.concatenate([c[s.name] for c in chunks])
     _structure.check_finite(samples, "representative_data", "calibration ranges would be meaningless")
-    return samples
+    return samples, _with_shapes(specs, samples)
+
+
+def _check_calibration(qat, mode, samples):
+    if qat and mode != "int8":
+        raise ValueError(
+            "This is a quantization-aware (fake-quant) model; it converts with mode='int8' only. "
+            f"Received: mode={mode!r}"
+        )
+    if _MODES[mode].activations and not qat and samples is None:
+        raise ValueError(
+            f"mode={mode!r} needs representative_data for a float model: a few hundred real input samples to "
+            "calibrate the int8 ranges (e.g. representative_data=x_train[:300]), or train it with QAT first "
+            "(tfopt.quantize_model). Received: representative_data=None"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
-# Export and conversion
+# Tracing and conversion
 
 
-def _has_fake_quant(graph_def):
-    ops = {n.op for n in graph_def.node}
-    for f in graph_def.library.function:
-        ops.update(n.op for n in f.node_def)
-    return bool(ops.intersection(_FAKE_QUANT_OPS))
+class _Traced(NamedTuple):
+    """What the converter converts, and its I/O."""
+
+    source: object  # (concrete function, trackable holding its variables), or a SavedModel directory
+    output_kind: str
+    output_names: list  # in the order of the converted model's outputs
+    output_dtypes: list
+    order: list  # the input names in the function's argument order, for calibration lists; None: dicts by name
+    fake_quant: bool  # the graph has fake-quant ops (a QAT model)
 
 
 def _tensor_names(specs):
@@ -492,19 +501,17 @@ def _tensor_specs(specs):
     return [tf.TensorSpec((1,) + tuple(s.shape[1:]), s.dtype, name=n) for n, s in zip(_tensor_names(specs), specs)]
 
 
+def _has_fake_quant(graph_def):
+    nodes = [*graph_def.node, *(n for f in graph_def.library.function for n in f.node_def)]
+    return any(n.op in _FAKE_QUANT_OPS for n in nodes)
+
+
 def _trace_keras(model, kind, specs):
     """`model(x, training=False)` traced on static batch-1 signatures, `x` in the model's input structure.
 
-    Returns (concrete function, the `ExportArchive` that tracks the model's variables, graph_def,
-    outputs, order): outputs is (kind, names, dtypes) in the function's flat output order, which is
-    the order of the converted model's outputs; order lists the input names in the function's
-    argument order, which calibration lists follow. The converter reads the variables through the archive
-    (`from_concrete_functions(..., archive)`), so no SavedModel is written and read back: that round
-    trip is most of `from_keras_model`'s time. (Passing the Keras 3 model itself as `trackable_obj`
-    is the trap that loses the weights.)
+    The trackable is the `ExportArchive`, which holds the variables: `trackable_obj=model` silently drops
+    Keras 3 weights (a NaN model).
     """
-    import keras
-
     tf = _tf()
     tensor_specs = _tensor_specs(specs)
     arg = {s.name: t for s, t in zip(specs, tensor_specs)} if kind == "dict" else (
@@ -517,29 +524,18 @@ def _trace_keras(model, kind, specs):
     dtypes = [t.dtype.name for t in tf.nest.flatten(concrete.structured_outputs)]
     names = _tensor_names(specs)
     order = [names.get(t.name.split(":")[0]) for t in concrete.inputs if t.dtype != tf.resource]
-    if sorted(map(str, order)) != sorted(names.values()):
-        order = [s.name for s in specs]  # TF renamed a placeholder: it keeps the flat order
-    return concrete, archive, concrete.graph.as_graph_def(), (out_kind, out_names, dtypes), order
+    return _Traced((concrete, archive), out_kind, out_names, dtypes, _structure.in_order(order, names.values()),
+                   _has_fake_quant(concrete.graph.as_graph_def()))
 
 
-def _load_saved_model(path):
-    """(the loaded SavedModel, its serving signature, [Spec] of the signature's inputs by sorted name)."""
+def _export_saved_model(saved, specs, directory):
+    """A SavedModel's serving signature re-exported to `directory` with a static batch 1.
+
+    Not traced: a traced call of the signature converts with inputs in an order of the converter's own, while
+    the re-exported signature names them, so calibration samples are dicts.
+    """
     tf = _tf()
-    loaded = tf.saved_model.load(path)
-    sigs = getattr(loaded, "signatures", {})
-    if "serving_default" not in sigs:
-        raise ValueError(
-            "The SavedModel has no 'serving_default' signature to convert. Export it with `model.export(dir)`. "
-            f"Received: model={path!r}"
-        )
-    sig = sigs["serving_default"]
-    specs = sig.structured_input_signature[1]
-    return loaded, sig, [_structure.Spec(k, tuple(v.shape.as_list()), v.dtype.name) for k, v in sorted(specs.items())]
-
-
-def _export_saved_model(loaded, sig, directory, specs):
-    """Re-exports a SavedModel's serving signature with a static batch 1; returns (graph_def, outputs)."""
-    tf = _tf()
+    loaded, sig, _ = saved
     module = tf.Module()
     module.loaded = loaded
     names = [s.name for s in specs]
@@ -549,63 +545,41 @@ def _export_saved_model(loaded, sig, directory, specs):
         return sig(**dict(zip(names, args)))
 
     tf.saved_model.save(module, directory, signatures={"serving_default": serve})
-    outputs = sig.structured_outputs
-    return serve.get_concrete_function().graph.as_graph_def(), (
-        "dict", sorted(outputs), [outputs[k].dtype.name for k in sorted(outputs)])
-
-
-def _configure(converter, mode, io_dtype, qat, rep_dataset):
-    tf = _tf()
-    io = {"int8": tf.int8, "uint8": tf.uint8, "int16": tf.int16, "float32": tf.float32}[io_dtype]
-    if mode == "float32":
-        return
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if mode == "float16":
-        converter.target_spec.supported_types = [tf.float16]
-        return
-    if mode == "dynamic":
-        return
-    # The converter sets these on float inputs and outputs only: integer ones (token ids) stay integer.
-    converter.inference_input_type = io
-    converter.inference_output_type = io
-    if mode == "int8" and qat:
-        return  # not TFLITE_BUILTINS_INT8: that demands a representative dataset even for QAT graphs
-    converter.representative_dataset = rep_dataset
-    converter.target_spec.supported_ops = [
-        tf.lite.OpsSet.TFLITE_BUILTINS_INT8
-        if mode == "int8"
-        else tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
-    ]
+    outputs = sorted(sig.structured_outputs)
+    return _Traced(directory, "dict", outputs, [sig.structured_outputs[k].dtype.name for k in outputs], None,
+                   _has_fake_quant(serve.get_concrete_function().graph.as_graph_def()))
 
 
 def _rep_dataset(samples, order, quiet):
-    """The calibration generator, one sample at a time: a list in `order` (the traced function's inputs),
-    or with `order=None` a dict by input name (a SavedModel's signature)."""
+    """The calibration generator: one sample at a time, a list in `order` or (`order=None`) a dict by name."""
 
     def gen():
-        import keras
-
         n = len(next(iter(samples.values())))
-        bar = None if quiet else keras.utils.Progbar(n, unit_name="sample")
+        bar = keras.utils.Progbar(n, verbose=0 if quiet else 1, unit_name="sample")
         for i in range(n):
-            if order is None:
-                yield {name: x[i : i + 1] for name, x in samples.items()}
-            else:
-                yield [samples[name][i : i + 1] for name in order]
-            if bar is not None:
-                bar.update(i + 1)
+            sample = {name: x[i : i + 1] for name, x in samples.items()}
+            yield sample if order is None else [sample[name] for name in order]
+            bar.update(i + 1)
 
     return gen
 
 
-def _run_converter(source, mode, io_dtype, qat, rep_dataset):
-    """Converts `source`: a SavedModel directory, or (concrete function, trackable) from `_trace_keras`."""
+def _run_converter(traced, mode, io_dtype, qat, samples, quiet):
     tf = _tf()
-    if isinstance(source, tuple):
-        converter = tf.lite.TFLiteConverter.from_concrete_functions([source[0]], source[1])
+    if isinstance(traced.source, tuple):
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([traced.source[0]], traced.source[1])
     else:
-        converter = tf.lite.TFLiteConverter.from_saved_model(source)
-    _configure(converter, mode, io_dtype, qat, rep_dataset)
+        converter = tf.lite.TFLiteConverter.from_saved_model(traced.source)
+    if mode != "float32":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if mode == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    if _MODES[mode].activations:
+        # The converter sets these on float inputs and outputs only: integer ones (token ids) stay integer.
+        converter.inference_input_type = converter.inference_output_type = tf.as_dtype(io_dtype)
+    if _MODES[mode].activations and not qat:  # not for QAT: TFLITE_BUILTINS_INT8 demands a representative dataset
+        converter.representative_dataset = _rep_dataset(samples, traced.order, quiet)
+        converter.target_spec.supported_ops = [getattr(tf.lite.OpsSet, _MODES[mode].ops_set)]
     try:
         return converter.convert()
     except Exception as e:
@@ -618,26 +592,15 @@ def _run_converter(source, mode, io_dtype, qat, rep_dataset):
         ) from e
 
 
-def _with_names(content, input_kind, specs, outputs):
+def _with_names(content, input_kind, specs, traced):
     """`content` with the model's names on its I/O tensors, a signature and the `tfopt_io` metadata."""
-    fm = _flatbuffer.parse(content)
-    sg = fm.subgraphs[0]
-    out_kind, out_names, _ = outputs
-    in_names = [s.name for s in specs]
-    sig = fm.signatures.get("serving_default")
-    spec_names = _tensor_names(specs)
-    if sig is not None:  # from a SavedModel: its signature names the tensors
-        by_index = [{i: n for n, i in m.items()} for m in sig[1:]]
-        sg_in = [spec_names.get(by_index[0].get(i)) for i in sg.inputs]
-        sg_out = [by_index[1].get(i) for i in sg.outputs]
-    else:  # traced: the inputs carry their TensorSpec names, the outputs come in flat order
-        sg_in = [spec_names.get(sg.tensors[i].name) for i in sg.inputs]
-        sg_out = list(out_names)
-    if sorted(map(str, sg_in)) != sorted(in_names):
-        sg_in = in_names  # names lost on the way: the converter keeps the inputs in order
-    if sorted(map(str, sg_out)) != sorted(out_names):
-        sg_out = list(out_names)
-    meta = _structure.metadata((input_kind, in_names), (out_kind, out_names))
+    # The names the converter left, in the subgraph's order: a SavedModel's signature names the tensors; traced,
+    # the inputs carry their TensorSpec names and the outputs none ("Identity"), coming in flat order.
+    (_, ins), (_, outs) = _structure.file_io(_flatbuffer.parse(content))
+    in_names, tensor_names = [s.name for s in specs], _tensor_names(specs)
+    sg_in = _structure.in_order([tensor_names.get(name) for name, _ in ins], in_names)
+    sg_out = _structure.in_order([name for name, _ in outs], traced.output_names)
+    meta = _structure.metadata((input_kind, in_names), (traced.output_kind, traced.output_names))
     return _flatbuffer.with_io_names(content, sg_in, sg_out, {_structure.IO_METADATA: meta})
 
 
@@ -650,18 +613,17 @@ def _float_ops(sg, edge, layer):
     in float, with the layer and the first tensor of each (its name scope shows the sublayer)."""
     found = {}
     for op, _ in _analyze._float_leaks(sg, edge):
-        out = sg.tensors[op.outputs[0]].name if op.outputs else ""
+        out = sg.output_name(op)
         found.setdefault(op.name, []).append((layer(out), out))
     return [f"{name} x{len(hits)}" + (f" (layer {hits[0][0]!r}, e.g. tensor {hits[0][1]!r})" if hits[0][0] else "")
             for name, hits in found.items()]
 
 
 def _verify(content, *, target, mode, io_dtype, layer, integer_io=()):
-    """Problems with what the converter emitted (list of str; empty when it is what was asked).
+    """A `ConversionError` listing what the converter emitted short of what was asked; None when it is all there.
 
-    `integer_io`: names of the I/O tensors that are integers in Keras (token ids, masks): they must
-    stay unquantized integers, and in an integer graph the integer ops computed from them alone
-    (index arithmetic, comparisons into bool masks) are integer work, not float leaks.
+    `integer_io`: the I/O tensors that are integers in Keras (token ids, masks); they stay unquantized, and the
+    ops computed from them alone (index arithmetic, bool masks) are integer work, not float leaks.
     """
     fm = _flatbuffer.parse(content)
     sg = fm.subgraphs[0]
@@ -685,15 +647,16 @@ def _verify(content, *, target, mode, io_dtype, layer, integer_io=()):
     dyn = [t for t in sg.tensors if t.is_dynamic]
     if dyn:
         problems.append(f"{len(dyn)} tensor(s) have dynamic shapes, e.g. {where(dyn[0])}: {list(dyn[0].shape_signature)}")
-    if len(fm.subgraphs) > 1 and target in ("edgetpu", "micro"):
+    if len(fm.subgraphs) > 1 and _TARGETS[target].one_subgraph:
         problems.append(f"{len(fm.subgraphs)} subgraphs (control flow)")
-    if mode in ("int8", "int16x8"):
-        act = "int8" if mode == "int8" else "int16"
+    act = _MODES[mode].activations
+    if act:
         edge = _analyze.io_edge_ops(sg)
         float_ops = _float_ops(sg, edge, layer)
         if float_ops:
             problems.append(f"float ops in the integer graph: {', '.join(float_ops)}")
-        edge_tensors = set(sg.inputs) | set(sg.outputs)
+        edge_tensors = set(sg.inputs) | set(sg.outputs) | {
+            t for i in edge for t in sg.operators[i].inputs + sg.operators[i].outputs if sg.tensors[t].dtype != act}
         index = {i for i in sg.inputs if sg.tensors[i].name in integer_io}
         for op in sg.operators:
             live = [t for t in op.inputs if t >= 0 and not sg.tensors[t].is_constant]
@@ -705,19 +668,17 @@ def _verify(content, *, target, mode, io_dtype, layer, integer_io=()):
                 if op.name == "QUANTIZE" and src.dtype == out.dtype == act:
                     continue  # an integer requantization (e.g. before a concatenation), not a float island
                 problems.append(f"{op.name} inside the graph at op #{op.index} ({where(out)}): part of it runs in float")
-        for i in edge:
-            op = sg.operators[i]
-            edge_tensors.update(t for t in op.inputs + op.outputs if t not in sg.inputs and sg.tensors[t].dtype != act)
-        for t in sg.tensors:
-            if t.index in edge_tensors or t.index in index or t.index < 0:
-                continue
-            if t.is_constant:
-                ok = t.dtype in (("int8", "int32", "int64") if mode == "int8" else ("int8", "int16", "int32", "int64"))
-            else:
-                ok = t.dtype == act
-            if not ok:
+        for t in (t for t in sg.tensors if t.index not in edge_tensors and t.index not in index):
+            if t.dtype not in (_MODES[mode].constants if t.is_constant else (act,)):
                 problems.append(f"{where(t)} is {t.dtype} ({'constant' if t.is_constant else 'activation'})")
-    return problems
+    if not problems:
+        return None
+    return ConversionError(
+        f"The converted model is not what target={target!r}, mode={mode!r} asked for: " + "; ".join(problems[:8])
+        + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else "")
+        + ". Layers without an integer TFLite kernel (e.g. LayerNormalization, GELU) leave float ops; replace "
+        f"them or use mode='float16'. Received: target={target!r}, mode={mode!r}, io_dtype={io_dtype!r}"
+    )
 
 
 def _head(samples, n):
@@ -749,39 +710,22 @@ def _sanity_run(content, samples, xnnpack=True):
         )
 
 
-def _edgetpu_error(report, layer):
-    bad = [v for v in report.ops if not v.mapped]
-    lines = [f"{v.op} v{v.version} at op #{v.index} (layer {layer(v.tensor)!r}): {v.reason or v.status}" for v in bad
-             if v.mappable is False][:12]
-    if report.blockers:
-        lines = [f"blocker: {b}" for b in report.blockers] + lines
-    return EdgeTPUError(
-        "Some ops would not run on the Edge TPU, so from the first of them on the model runs on the CPU: "
-        + "; ".join(lines)
-        + ". Replace those layers (e.g. LeakyReLU / hard_swish -> ReLU or PReLU(shared_axes=[1, 2]); Dense on a "
-        "3-D input -> Flatten or GlobalAveragePooling first), or pass strict=False to get the model and the "
-        "report anyway. Received: target='edgetpu', strict=True"
-    )
+def _raise_or_warn(error, strict):
+    """Raises `error` (strict), or warns about it at the caller of `convert`; nothing for None."""
+    if error is not None and strict:
+        raise error
+    if error is not None:
+        warnings.warn(str(error), stacklevel=3)
 
 
-def convert(
-    model,
-    *,
-    target="mobile",
-    mode="int8",
-    representative_data=None,
-    io_dtype=None,
-    strict=True,
-    max_samples=DEFAULT_MAX_SAMPLES,
-    quiet=False,
-    _qat=None,
-):
+def convert(model, *, target="mobile", mode="int8", representative_data=None, io_dtype=None, strict=True,
+            max_samples=DEFAULT_MAX_SAMPLES, quiet=False):
     """Converts a Keras 3 model to a verified `.tflite` for a deployment target.
 
-    Pruning wrappers are stripped first. Models with fake-quant ops (QAT: `tfopt.quantize_model` or
-    hand-made with `keras.quantizers.fake_quant_with_min_max_vars`) take the QAT path: their trained
-    ranges are used and no representative data is needed. Float models need `representative_data`
-    for `mode="int8"` / `"int16x8"` (post-training calibration).
+    Pruning and clustering wrappers are stripped first. Models with fake-quant ops (QAT:
+    `tfopt.quantize_model` or hand-made with `keras.quantizers.fake_quant_with_min_max_vars`) take the
+    QAT path: their trained ranges are used and no representative data is needed. Float models need
+    `representative_data` for `mode="int8"` / `"int16x8"` (post-training calibration).
 
     Targets:
         "mobile": LiteRT on phones / CPUs (XNNPACK); any mode; float or integer I/O.
@@ -823,6 +767,7 @@ def convert(
         ValueError: a bad argument, NaN weights, a path that is not a model, or representative data
             that does not fit the model (an input missing or unknown, the wrong dtype, shape or list
             length, inputs with different batch sizes); raised before anything is converted.
+        TypeError: an argument of the wrong type (`strict=1`, `max_samples="300"`, a layer for `model`).
         ConversionError: (a ValueError) the converter failed or emitted something that is not what
             was asked; `EdgeTPUError` / `MicroError` for the target checks.
         FileNotFoundError: `model` is a path that does not exist.
@@ -839,101 +784,27 @@ def convert(
     _check_backend()
     start = time.perf_counter()
     io_dtype = _check_args(target, mode, io_dtype, strict, max_samples)
-    keras_model, saved_model_dir = _load_model(model)
-    qat = _qat
+    keras_model, saved = _load_model(model)
     if keras_model is not None:
-        keras_model = _float32_twin(_strip_wrappers(keras_model))
+        keras_model = _float32_twin(_stripped(keras_model))
         _check_weights(keras_model)
-        kind, specs = _input_spec(keras_model, representative_data is not None)
-        if qat is None:
-            import tfopt
-
-            qat = tfopt.is_quantized_model(keras_model)
-    else:
-        loaded, signature, specs = _load_saved_model(saved_model_dir)
-        kind = "dict"
-    # Everything about the inputs is checked here, before any file or folder is made.
-    samples = None
-    if representative_data is not None:
-        samples = _samples(representative_data, specs, max_samples)
-        specs = [s._replace(shape=(None,) + samples[s.name].shape[1:]) for s in specs]
-    for s in specs:
-        if s.shape is None or any(d is None for d in s.shape[1:]):
-            raise ValueError(
-                f"The model input {s.name!r} has unknown dimensions {s.shape}: give `keras.Input` a full shape, or "
-                "pass representative_data so it can be fixed. Received: representative_data=None"
-            )
-    tmp = tempfile.mkdtemp(prefix="tfopt-export-")
-    try:
-        if keras_model is not None:
-            concrete, archive, graph_def, outputs, order = _trace_keras(keras_model, kind, specs)
-            source = (concrete, archive)
-        else:
-            graph_def, outputs = _export_saved_model(loaded, signature, tmp, specs)
-            source, order = tmp, None
-        if not qat and _qat is None:
-            qat = _has_fake_quant(graph_def)  # hand-made fake-quant models, SavedModels
-        if qat and mode != "int8":
-            raise ValueError(
-                "This is a quantization-aware (fake-quant) model; it converts with mode='int8' only. "
-                f"Received: mode={mode!r}"
-            )
-        if mode in ("int8", "int16x8") and not qat and samples is None:
-            raise ValueError(
-                f"mode={mode!r} needs representative_data for a float model: a few hundred real input samples to "
-                "calibrate the int8 ranges (e.g. representative_data=x_train[:300]), or train it with QAT first "
-                "(tfopt.quantize_model). Received: representative_data=None"
-            )
-        rep = None if samples is None else _rep_dataset(samples, order, quiet)
-        content = _run_converter(source, mode, io_dtype, qat, rep)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    content = _with_names(content, kind, specs, outputs)
-
-    layer = _layer_resolver(keras_model, outputs[1])
+    kind, specs, samples = _inputs(keras_model, saved, representative_data, max_samples)
+    with tempfile.TemporaryDirectory(prefix="tfopt-export-", ignore_cleanup_errors=True) as tmp:  # for a SavedModel
+        traced = _trace_keras(keras_model, kind, specs) if saved is None else _export_saved_model(saved, specs, tmp)
+        qat = (keras_model is not None and tfopt.is_quantized_model(keras_model)) or traced.fake_quant
+        _check_calibration(qat, mode, samples)
+        content = _with_names(_run_converter(traced, mode, io_dtype, qat, samples, quiet), kind, specs, traced)
+    layer = _layer_resolver(keras_model, traced.output_names)
     integer_io = {s.name for s in specs if s.is_integer} | {
-        n for n, d in zip(outputs[1], outputs[2]) if np.dtype(d).kind in "iub"}
-    problems = _verify(content, target=target, mode=mode, io_dtype=io_dtype, layer=layer, integer_io=integer_io)
-    if problems:
-        message = (
-            f"The converted model is not what target={target!r}, mode={mode!r} asked for: " + "; ".join(problems[:8])
-            + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else "")
-            + ". Layers without an integer TFLite kernel (e.g. LayerNormalization, GELU) leave float ops; replace "
-            f"them or use mode='float16'. Received: target={target!r}, mode={mode!r}, io_dtype={io_dtype!r}"
-        )
-        if strict:
-            raise ConversionError(message)
-        warnings.warn(message, stacklevel=2)
-
+        n for n, d in zip(traced.output_names, traced.output_dtypes) if np.dtype(d).kind in "iub"}
+    _raise_or_warn(_verify(content, target=target, mode=mode, io_dtype=io_dtype, layer=layer,
+                           integer_io=integer_io), strict)
     if samples is None:
         samples = _runtime.random_samples(content, MICRO_CHECK_SAMPLES)
-    _sanity_run(content, _head(samples, 4), xnnpack=target != "micro")
-
-    edgetpu_report = micro_result = None
-    if target == "edgetpu":
-        edgetpu_report = _edgetpu.edgetpu_report(content)
-        for v in edgetpu_report.ops:
-            v.layer = layer(v.tensor)
-        if not edgetpu_report.all_mapped:
-            err = _edgetpu_error(edgetpu_report, layer)
-            if strict:
-                raise err
-            warnings.warn(str(err), stacklevel=2)
-    elif target == "micro":
-        _micro.check_ops(content, layer)
-        micro_result = _micro.run_micro(content, _head(samples, MICRO_CHECK_SAMPLES))
-        if not micro_result.identical:
-            raise MicroError(
-                f"TFLite Micro's outputs differ from LiteRT's reference kernels by up to {micro_result.max_diff:g} "
-                f"quantization steps on {micro_result.num_samples} calibration samples; the model would behave "
-                "differently on the microcontroller. Received: target='micro'"
-            )
-    return TFLiteModel(
-        content,
-        target=target,
-        mode=mode,
-        io_dtype=io_dtype,
-        edgetpu=edgetpu_report,
-        micro=micro_result,
-        conversion_seconds=time.perf_counter() - start,
-    )
+    _sanity_run(content, _head(samples, 4), xnnpack=_TARGETS[target].xnnpack)
+    checked = {}
+    if _TARGETS[target].check is not None:
+        checked[target], error = _TARGETS[target].check(content, _head(samples, MICRO_CHECK_SAMPLES), layer)
+        _raise_or_warn(error, strict)
+    return TFLiteModel(content, target=target, mode=mode, io_dtype=io_dtype,  # .edgetpu, .micro: `checked`
+                       conversion_seconds=time.perf_counter() - start, **checked)

@@ -1,26 +1,19 @@
 """`edgetpu_report`: which ops of an int8 `.tflite` the Coral Edge TPU compiler would map, and why not.
 
-An offline, table-driven prediction from Coral's documented rules ("TensorFlow models on the Edge
-TPU": the supported-ops table and the model requirements). The compiler cannot be installed from
-PyPI or Debian; when an `edgetpu_compiler` binary is on PATH the report also runs it and parses its
-log (`EdgeTPUReport.compiler`), and the compiler's word is final. The rules:
+An offline prediction from Coral's documented rules ("TensorFlow models on the Edge TPU"); the compiler
+is not on PyPI or Debian, but when `edgetpu_compiler` is on PATH its parsed log is attached and final.
 
-- Blockers (the compiler rejects the whole model): dynamic shapes (-1 in a shape signature), more
-  than one subgraph, op versions newer than the compiler's built-in TFLite can parse (e.g. CONV_2D
-  v6, grouped convolution), no quantized tensors at all.
-- Per op: in Coral's table for the target runtime (`min_runtime_version`, the compiler's `-m`,
-  default 14); every non-constant tensor 8-bit (int32 only for constants such as bias); only the 3
-  innermost dimensions > 1; plus the op's documented limitation (FULLY_CONNECTED output 1-D,
-  SOFTMAX 1-D with <= 16,000 elements, CONCATENATION constant input, MEAN/PAD/SPLIT/PACK not on the
-  batch axis, STRIDED_SLICE strides 1, ...).
-- One segment: the compiler maps one contiguous run of ops. Ops before it run on the CPU (e.g. an
-  input QUANTIZE); from the first unmapped op on, everything runs on the CPU ("More than one
-  subgraph is not supported") unless `-a` (experimental) is given, simulated by `multiple_segments`.
+- Blockers (the whole model is rejected): dynamic shapes, more than one subgraph, op versions newer than
+  the compiler can parse (e.g. CONV_2D v6, grouped convolution), no quantized tensors.
+- Per op: in Coral's table for the runtime (`min_runtime_version`, the compiler's `-m`); non-constant
+  tensors 8-bit (int32 only for constants such as bias); only the 3 innermost dimensions > 1; and the
+  op's documented limitation (FULLY_CONNECTED output 1-D, SOFTMAX 1-D <= 16,000 elements, ...).
+- One segment: ops before the first mapped one run on the CPU (e.g. an input QUANTIZE), and from the
+  first unmapped op on everything does, unless `-a` (experimental; `multiple_segments`) is given.
 """
 
 import dataclasses
-import json
-import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -28,8 +21,9 @@ import tempfile
 
 import numpy as np
 
+from tfopt._report import render_table
 from tfopt.tflite_export import _flatbuffer
-from tfopt.tflite_export.analysis import _table
+from tfopt.tflite_export._errors import EdgeTPUError
 
 # Coral op table: op -> lowest Edge TPU runtime version that maps it.
 SUPPORTED_OPS = {
@@ -104,6 +98,7 @@ class CompilerLog:
         return d
 
 
+@dataclasses.dataclass(eq=False)
 class EdgeTPUReport:
     """Per-op Edge TPU verdicts for a model. Print it for a table; `.to_dict()` for JSON.
 
@@ -117,12 +112,11 @@ class EdgeTPUReport:
         compiler: a `CompilerLog` when `edgetpu_compiler` ran, else None.
     """
 
-    def __init__(self, ops, blockers, parameter_bytes, min_runtime_version, compiler=None):
-        self.ops = ops
-        self.blockers = blockers
-        self.parameter_bytes = parameter_bytes
-        self.min_runtime_version = min_runtime_version
-        self.compiler = compiler
+    ops: list
+    blockers: list
+    parameter_bytes: int
+    min_runtime_version: int
+    compiler: CompilerLog = None
 
     @property
     def num_mapped(self):
@@ -168,16 +162,14 @@ class EdgeTPUReport:
             f"parameters {self.parameter_bytes / 2**20:.2f} MiB of ~8 MiB on-chip cache"
             + ("" if self.fits_on_chip else " (the rest is streamed from host memory every inference)")
         )
-        lines = [head]
-        for b in self.blockers:
-            lines.append(f"BLOCKER: {b}")
+        lines = [head] + [f"BLOCKER: {b}" for b in self.blockers]
         rows = [[v.index, f"{v.op} v{v.version}", v.on.upper(), v.layer or "", v.status
                  + ("" if v.reason in ("", v.status) else f" ({v.reason})")] for v in self.ops]
-        lines += ["", _table(["#", "op", "runs on", "layer", "status"], rows)]
+        lines += ["", render_table(["#", "op", "runs on", "layer", "status"], rows, right=(0,))]
         if self.compiler is not None:
             c = self.compiler
             lines += ["", f"edgetpu_compiler {c.version}: {c.ops_on_tpu} ops on Edge TPU, {c.ops_on_cpu} on CPU"]
-            lines += [_table(["op", "count", "status"], [list(r) for r in c.rows])]
+            lines += [render_table(["op", "count", "status"], c.rows, right=(1,))]
         return "\n".join(lines)
 
 
@@ -319,35 +311,6 @@ def _blockers(fm, sg):
     return out
 
 
-def predict(tflite, *, min_runtime_version=14, multiple_segments=False):
-    """The offline prediction (no compiler), as an `EdgeTPUReport`."""
-    fm = _flatbuffer.parse(tflite)
-    sg = fm.subgraphs[0]
-    rules = [_op_rule(fm, sg, op, min_runtime_version) for op in sg.operators]
-    verdicts = []
-    state = "prefix"  # prefix (CPU) -> tpu -> cpu (after the single segment)
-    for op, (ok, status, reason) in zip(sg.operators, rules):
-        if state == "prefix" and ok:
-            state = "tpu"
-        elif state == "tpu" and not ok and not multiple_segments:
-            state = "cpu"
-        on = "tpu" if ok and (state == "tpu" or multiple_segments) else "cpu"
-        if ok and on == "cpu":
-            status, reason = SEGMENT, "after the first unmapped op everything runs on the CPU (one segment)"
-        out = sg.tensors[op.outputs[0]].name if op.outputs else ""
-        verdicts.append(OpVerdict(op.index, op.name, op.version, _flatbuffer.layer_of(out), out, ok, status, reason, on))
-    param_bytes = 0
-    seen = set()
-    for v in verdicts:
-        if v.on != "tpu":
-            continue
-        for t in sg.operators[v.index].inputs:
-            if t >= 0 and sg.tensors[t].is_constant and sg.tensors[t].buffer not in seen:
-                seen.add(sg.tensors[t].buffer)
-                param_bytes += fm.buffer_size(sg.tensors[t].buffer)
-    return EdgeTPUReport(verdicts, _blockers(fm, sg), param_bytes, min_runtime_version)
-
-
 _NUM = r"([0-9.]+)\s*([KMG]?i?B)"
 _UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "KB": 1e3, "MB": 1e6, "GB": 1e9}
 
@@ -411,18 +374,12 @@ def run_compiler(tflite, *, min_runtime_version=14, timeout=180):
         return None
     content = _flatbuffer.read_bytes(tflite)
     with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "model.tflite")
-        with open(path, "wb") as f:
-            f.write(content)
-        proc = subprocess.run(
-            [exe, "-s", "-m", str(min_runtime_version), "-o", d, path],
-            capture_output=True, text=True, timeout=timeout, check=False,
-        )
-        log_path = os.path.join(d, "model_edgetpu.log")
-        text = proc.stdout + proc.stderr
-        if os.path.exists(log_path):
-            with open(log_path) as f:
-                text += "\n" + f.read()
+        path = pathlib.Path(d, "model.tflite")
+        path.write_bytes(content)
+        proc = subprocess.run([exe, "-s", "-m", str(min_runtime_version), "-o", d, str(path)],
+                              capture_output=True, text=True, timeout=timeout, check=False)
+        log = pathlib.Path(d, "model_edgetpu.log")
+        text = proc.stdout + proc.stderr + (f"\n{log.read_text()}" if log.exists() else "")
     try:
         return parse_compiler_log(text)
     except ValueError:
@@ -458,11 +415,44 @@ def edgetpu_report(tflite, *, min_runtime_version=14, multiple_segments=False, r
             "`min_runtime_version` is the Edge TPU runtime version (the compiler's -m), an int from 10 to 16. "
             f"Received: min_runtime_version={min_runtime_version!r}"
         )
-    report = predict(tflite, min_runtime_version=min_runtime_version, multiple_segments=multiple_segments)
+    fm = _flatbuffer.parse(tflite)
+    sg = fm.subgraphs[0]
+    verdicts = []
+    state = "prefix"  # prefix (CPU) -> tpu -> cpu (after the single segment)
+    for op in sg.operators:
+        ok, status, reason = _op_rule(fm, sg, op, min_runtime_version)
+        if state == "prefix" and ok:
+            state = "tpu"
+        elif state == "tpu" and not ok and not multiple_segments:
+            state = "cpu"
+        on = "tpu" if ok and (state == "tpu" or multiple_segments) else "cpu"
+        if ok and on == "cpu":
+            status, reason = SEGMENT, "after the first unmapped op everything runs on the CPU (one segment)"
+        out = sg.output_name(op)
+        verdicts.append(OpVerdict(op.index, op.name, op.version, _flatbuffer.layer_of(out), out, ok, status, reason, on))
+    buffers = {sg.tensors[t].buffer for v in verdicts if v.on == "tpu" for t in sg.operators[v.index].inputs
+               if t >= 0 and sg.tensors[t].is_constant}
+    report = EdgeTPUReport(verdicts, _blockers(fm, sg), sum(map(fm.buffer_size, buffers)), min_runtime_version)
     if run_compiler_if_available:
         report.compiler = run_compiler(tflite, min_runtime_version=min_runtime_version)
     return report
 
 
-def to_json(report):
-    return json.dumps(report.to_dict(), indent=2)
+def check_converted(content, samples, layer):
+    """What `convert(target="edgetpu")` checks: (the report, its ops named after their Keras `layer`, and
+    an `EdgeTPUError` naming the ops that would not map, or None). `samples` are not needed."""
+    report = edgetpu_report(content)
+    for v in report.ops:
+        v.layer = layer(v.tensor)
+    if report.all_mapped:
+        return report, None
+    lines = [f"blocker: {b}" for b in report.blockers] + [
+        f"{v.op} v{v.version} at op #{v.index} (layer {v.layer!r}): {v.reason or v.status}"
+        for v in report.unmappable()][:12]
+    return report, EdgeTPUError(
+        "Some ops would not run on the Edge TPU, so from the first of them on the model runs on the CPU: "
+        + "; ".join(lines)
+        + ". Replace those layers (e.g. LeakyReLU / hard_swish -> ReLU or PReLU(shared_axes=[1, 2]); Dense on a "
+        "3-D input -> Flatten or GlobalAveragePooling first), or pass strict=False to get the model and the "
+        "report anyway. Received: target='edgetpu', strict=True"
+    )

@@ -1,12 +1,12 @@
 """TFLite Micro: check that a model runs in TFLM with LiteRT's outputs, size its arena, emit C arrays.
 
-TFLM and LiteRT's reference kernels abort the whole process (SIGABRT) on some degenerate models
-(e.g. quantization scales ~1e-8 from calibrating an untrained network), so they run in a child
-process (`_micro_worker.py`) and an abort becomes a `MicroError`.
+TFLM and LiteRT's reference kernels abort the process (SIGABRT) on some degenerate models (e.g. scales ~1e-8
+from calibrating an untrained network), so they run in `_micro_worker.py` and an abort becomes a `MicroError`.
 """
 
 import dataclasses
 import os
+import pathlib
 import re
 import signal
 import subprocess
@@ -18,6 +18,7 @@ import numpy as np
 from tfopt.tflite_export import _flatbuffer
 from tfopt.tflite_export._errors import MicroError
 from tfopt.tflite_export._io import atomic_write
+from tfopt.tflite_export.runtime import Runner, quantize
 
 _WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_micro_worker.py")
 
@@ -46,40 +47,21 @@ class MicroResult:
 
 def check_ops(tflite, layer_name=None):
     """Raises MicroError listing every op TFLite Micro does not have (with its layer)."""
-    fm = _flatbuffer.parse(tflite)
-    bad = []
-    for sg in fm.subgraphs:
-        for op in sg.operators:
-            if op.name in UNSUPPORTED_OPS or op.name.startswith("STABLEHLO") or (
-                op.name == "CUSTOM" and op.custom_code.startswith("Flex")
-            ):
-                out = sg.tensors[op.outputs[0]].name if op.outputs else ""
-                layer = (layer_name or _flatbuffer.layer_of)(out)
-                bad.append(f"{op.name if op.name != 'CUSTOM' else op.custom_code} (layer {layer!r})")
+    layer = layer_name or _flatbuffer.layer_of
+    bad = {f"{op.name if op.name != 'CUSTOM' else op.custom_code} (layer {layer(sg.output_name(op))!r})"
+           for sg in _flatbuffer.parse(tflite).subgraphs for op in sg.operators
+           if op.name in UNSUPPORTED_OPS or op.name.startswith("STABLEHLO") or op.custom_code.startswith("Flex")}
     if bad:
         raise MicroError(
-            f"TFLite Micro has no kernel for: {', '.join(sorted(set(bad)))}. Replace those layers with ones "
+            f"TFLite Micro has no kernel for: {', '.join(sorted(bad))}. Replace those layers with ones "
             "TFLM supports (e.g. ReLU instead of GELU, no UpSampling2D nearest -> TILE, Dense on 2-D "
             "inputs). Received: target='micro'"
         )
 
 
 def run_micro(tflite, samples, *, timeout=600):
-    """Runs `samples` in TFLM and LiteRT reference kernels, in a subprocess.
-
-    Args:
-        tflite: bytes, a path or a `TFLiteModel`.
-        samples: float inputs, batch first, as `TFLiteModel.predict` takes them (an array, a list in
-            input order or a dict by input name); each sample runs on its own (batch 1).
-
-    Returns:
-        A `MicroResult`.
-
-    Raises:
-        MicroError: TFLM cannot load or run the model, aborted, or its outputs differ from LiteRT's.
-    """
-    from tfopt.tflite_export.runtime import Runner, quantize
-
+    """A `MicroResult` of `samples` (inputs as `TFLiteModel.predict` takes them, each run on its own) run in
+    TFLM and LiteRT's reference kernels, in a subprocess; a `MicroError` if TFLM cannot load, run or aborts."""
     content = _flatbuffer.read_bytes(tflite)
     runner = Runner(content, kernels="builtin")
     arrays = dict(zip((d["index"] for d in runner.inputs), runner.feeds(samples, "samples")))
@@ -90,8 +72,7 @@ def run_micro(tflite, samples, *, timeout=600):
     }
     with tempfile.TemporaryDirectory() as tmp:
         model_path, in_path, out_path = (os.path.join(tmp, n) for n in ("m.tflite", "x.npz", "out.npz"))
-        with open(model_path, "wb") as f:
-            f.write(content)
+        pathlib.Path(model_path).write_bytes(content)
         np.savez(in_path, **inputs)
         try:
             proc = subprocess.run(
@@ -104,12 +85,24 @@ def run_micro(tflite, samples, *, timeout=600):
             raise MicroError(_failure_message(proc))
         with np.load(out_path) as r:
             arena = int(r["arena_bytes"])
-            n_out = sum(1 for k in r.files if k.startswith("micro_"))
-            micro = [r[f"micro_{j}"] for j in range(n_out)]
-            ref = [r[f"litert_{j}"] for j in range(n_out)]
-    max_diff = max(float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) for a, b in zip(micro, ref))
+            max_diff = max(float(np.max(np.abs(r[k].astype(np.float64) - r[f"litert_{k[6:]}"].astype(np.float64))))
+                           for k in r.files if k.startswith("micro_"))
     n = len(inputs["input_0"])
     return MicroResult(arena_bytes=arena, num_samples=n, max_diff=max_diff, identical=max_diff == 0)
+
+
+def check_converted(content, samples, layer):
+    """What `convert(target="micro")` checks: (the `MicroResult`, None); a `MicroError`, strict or not, for an op
+    without a TFLM kernel (named after its Keras `layer`), a failed run, or outputs that differ from LiteRT's."""
+    check_ops(content, layer)
+    result = run_micro(content, samples)
+    if not result.identical:
+        raise MicroError(
+            f"TFLite Micro's outputs differ from LiteRT's reference kernels by up to {result.max_diff:g} "
+            f"quantization steps on {result.num_samples} calibration samples; the model would behave "
+            "differently on the microcontroller. Received: target='micro'"
+        )
+    return result, None
 
 
 def _failure_message(proc):
@@ -144,9 +137,7 @@ def c_array_sources(content, var_name="g_model", header_name="model.h"):
         f"#ifndef {guard}\n#define {guard}\n\n"
         f"extern const unsigned char {var_name}[];\nextern const unsigned int {var_name}_len;\n\n#endif  // {guard}\n"
     )
-    hexes = [f"0x{b:02x}" for b in content]
-    rows = [", ".join(hexes[i : i + 12]) for i in range(0, len(hexes), 12)]
-    body = ",\n    ".join(rows)
+    body = ",\n    ".join(", ".join(f"0x{b:02x}" for b in content[i : i + 12]) for i in range(0, len(content), 12))
     source = (
         f"// Generated by tfopt.tflite_export: a .tflite model for TensorFlow Lite Micro.\n"
         f'#include "{header_name}"\n\n'

@@ -1,9 +1,7 @@
-"""Running `.tflite` models with LiteRT: predict, accuracy, Keras comparison and latency.
+"""Running `.tflite` models with LiteRT (`ai_edge_litert`): predict, accuracy, Keras comparison and latency.
 
-Uses `ai_edge_litert.interpreter.Interpreter` (`tf.lite.Interpreter` is deprecated). Latency follows
-a fixed method: one interpreter per model, fixed `num_threads`, inputs set outside the timed loop,
-warm-up invokes, `perf_counter_ns` per invoke, median and p90 (never the mean: a shared CPU has a
-long tail). XNNPACK is LiteRT's default delegate, for int8 models too.
+Latency: one interpreter per model, fixed `num_threads`, inputs set outside the timed loop, warm-up
+invokes, `perf_counter_ns` per invoke, median and p90 (never the mean: a shared CPU has a long tail).
 """
 
 import dataclasses
@@ -11,9 +9,11 @@ import json
 import math
 import time
 
+import keras
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
+from tfopt._checks import check_choice, check_int
 from tfopt.tflite_export import _flatbuffer, _structure
 
 _RESOLVERS = {
@@ -24,15 +24,9 @@ _RESOLVERS = {
 
 
 def make_interpreter(tflite, *, threads=1, kernels="xnnpack"):
-    """An allocated LiteRT `Interpreter` for bytes / path / TFLiteModel.
-
-    `kernels`: "xnnpack" (default: optimized kernels + the XNNPACK delegate), "builtin" (optimized
-    kernels, no delegate) or "reference" (reference kernels; slow, for correctness checks only).
-    """
-    if kernels not in _RESOLVERS:
-        raise ValueError(f"`kernels` must be one of {sorted(_RESOLVERS)}. Received: kernels={kernels!r}")
-    if not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"`threads` must be a positive int. Received: threads={threads!r}")
+    """An allocated LiteRT `Interpreter`; `kernels`: "xnnpack" (the delegate), "builtin" or "reference" (slow)."""
+    check_choice(kernels, "kernels", _RESOLVERS)
+    check_int(threads, "threads", minimum=1)
     content = _flatbuffer.read_bytes(tflite)
     it = Interpreter(model_content=content, num_threads=threads, experimental_op_resolver_type=_RESOLVERS[kernels])
     it.allocate_tensors()
@@ -70,7 +64,7 @@ def _is_plain_integer(detail):
 
 def _random_values(detail, shape, rng):
     """Random inputs in a tensor's stored dtype: floats in [0, 1), quantized integers over their range, and
-    0 or 1 for plain integers (every vocabulary has ids 0 and 1; a mask is 0 or 1)."""
+    plain integers 0 or 1 (every vocabulary has ids 0 and 1; a mask is 0 or 1)."""
     dtype = np.dtype(detail["dtype"])
     if dtype.kind == "f":
         return rng.random(shape, np.float32).astype(dtype)
@@ -83,10 +77,7 @@ def _random_values(detail, shape, rng):
 class Runner:
     """Model inputs in, outputs out (in the model's structure) over any batch size, on one LiteRT interpreter.
 
-    Attributes:
-        input_names, output_names: in the model's order (see `_structure`: the Keras order for files
-            `convert` made); `inputs` / `outputs`: the LiteRT tensor details in that order.
-        input_kind, output_kind: "single", "list" or "dict".
+    `input_names` / `output_names` follow `_structure.file_io`; `inputs` / `outputs`: the tensor details in that order.
     """
 
     def __init__(self, tflite, *, threads=1, kernels="xnnpack"):
@@ -98,12 +89,10 @@ class Runner:
         self._refresh()
 
     def _refresh(self):
-        def ordered(details, order):
-            by_index = {d["index"]: d for d in details}
-            return [by_index[i] for i in order]
-
-        self.inputs = ordered(self.interpreter.get_input_details(), self._input_order)
-        self.outputs = ordered(self.interpreter.get_output_details(), self._output_order)
+        it = self.interpreter
+        details = {d["index"]: d for d in it.get_output_details() + it.get_input_details()}
+        self.inputs = [details[i] for i in self._input_order]
+        self.outputs = [details[i] for i in self._output_order]
 
     @property
     def specs(self):
@@ -149,19 +138,12 @@ class Runner:
     def evaluate(self, x, y):
         """Accuracy per output: a float for one output, else {output name: accuracy} for the outputs `y` labels."""
         outs, names = self.predict_flat(x), self.output_names
-        if isinstance(y, dict) and y:
-            _structure.check_keys(y, names, "y", what="output", subset=True)
-            result = {n: accuracy(outs[names.index(n)], y[n]) for n in y}
-            return result if len(outs) > 1 else result[names[0]]
-        if len(outs) == 1:
+        if len(outs) == 1 and not isinstance(y, dict):
             return accuracy(outs[0], y)
-        if not isinstance(y, (list, tuple)) or len(y) != len(names):
-            raise ValueError(
-                f"The model has {len(names)} outputs ({', '.join(map(repr, names))}): `y` must hold one label array "
-                "per output in that order, or a dict of labels keyed by output name (outputs without labels, e.g. "
-                f"regression heads, left out). Received: y of type {type(y).__name__}"
-            )
-        return {n: accuracy(o, labels) for n, o, labels in zip(names, outs, y)}
+        # A dict may leave out the outputs without labels (e.g. regression heads).
+        labelled = _structure.by_name(y, names, "y", what="output", subset=True)
+        result = {n: accuracy(outs[names.index(n)], labels) for n, labels, _ in labelled}
+        return result if len(outs) > 1 else result[names[0]]
 
 
 def accuracy(pred, y):
@@ -200,10 +182,25 @@ class Latency:
                 f"({self.runs} runs, {self.threads} thread(s), {self.kernels})")
 
 
-def _random_inputs(it):
+def _ready(tflite, threads, kernels, warmup):
+    """An interpreter for `tflite` with random inputs set (outside any timed loop), invoked `warmup` times."""
+    it = make_interpreter(tflite, threads=threads, kernels=kernels)
     rng = np.random.default_rng(0)
     for d in it.get_input_details():
         it.set_tensor(d["index"], _random_values(d, d["shape"], rng))
+    for _ in range(warmup):
+        it.invoke()
+    return it
+
+
+def _timed(it, runs):
+    """Nanoseconds of each of `runs` invokes."""
+    ns = []
+    for _ in range(runs):
+        t0 = time.perf_counter_ns()
+        it.invoke()
+        ns.append(time.perf_counter_ns() - t0)
+    return ns
 
 
 def random_samples(tflite, n):
@@ -220,10 +217,8 @@ def _stats(ns, threads, kernels):
 
 
 def _check_runs(runs, warmup):
-    if not isinstance(runs, int) or runs < 1:
-        raise ValueError(f"`runs` must be a positive int. Received: runs={runs!r}")
-    if not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"`warmup` must be an int >= 0. Received: warmup={warmup!r}")
+    check_int(runs, "runs", minimum=1)
+    check_int(warmup, "warmup", minimum=0)
 
 
 def benchmark(tflite, *, runs=100, warmup=10, threads=1, kernels="xnnpack"):
@@ -242,16 +237,7 @@ def benchmark(tflite, *, runs=100, warmup=10, threads=1, kernels="xnnpack"):
         >>> print(tfopt.tflite_export.benchmark("model.tflite", runs=200))
     """
     _check_runs(runs, warmup)
-    it = make_interpreter(tflite, threads=threads, kernels=kernels)
-    _random_inputs(it)  # outside the timed loop
-    for _ in range(warmup):
-        it.invoke()
-    ns = []
-    for _ in range(runs):
-        t0 = time.perf_counter_ns()
-        it.invoke()
-        ns.append(time.perf_counter_ns() - t0)
-    return _stats(ns, threads, kernels)
+    return _stats(_timed(_ready(tflite, threads, kernels, warmup), runs), threads, kernels)
 
 
 def compare_latency(float_tflite, int8_tflite, *, runs=100, warmup=10, threads=1, rounds=10, kernels="xnnpack"):
@@ -265,24 +251,12 @@ def compare_latency(float_tflite, int8_tflite, *, runs=100, warmup=10, threads=1
         >>> r["ratio"]  # < 1: int8 is faster
     """
     _check_runs(runs, warmup)
-    if not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"`rounds` must be a positive int. Received: rounds={rounds!r}")
-    models = {"float": float_tflite, "int8": int8_tflite}
-    its = {k: make_interpreter(m, threads=threads, kernels=kernels) for k, m in models.items()}
+    check_int(rounds, "rounds", minimum=1)
+    its = {k: _ready(m, threads, kernels, warmup) for k, m in (("float", float_tflite), ("int8", int8_tflite))}
     ns = {k: [] for k in its}
-    for it in its.values():
-        _random_inputs(it)
-        for _ in range(warmup):
-            it.invoke()
-    per_round = max(1, runs // rounds)
     for r in range(rounds):
-        order = list(its) if r % 2 == 0 else list(its)[::-1]
-        for k in order:
-            it = its[k]
-            for _ in range(per_round):
-                t0 = time.perf_counter_ns()
-                it.invoke()
-                ns[k].append(time.perf_counter_ns() - t0)
+        for k in list(its) if r % 2 == 0 else list(its)[::-1]:
+            ns[k] += _timed(its[k], max(1, runs // rounds))
     out = {k: _stats(v, threads, kernels) for k, v in ns.items()}
     out["ratio"] = out["int8"].median_ms / out["float"].median_ms
     return out
@@ -313,9 +287,8 @@ class Comparison:
 
 
 def output_scale(tflite, index=None):
-    """The quantization step of an output: its own scale, or that of the int8 tensor its DEQUANTIZE
-    reads for float outputs. None for a float graph. `index`: the output's tensor index (default:
-    the first output)."""
+    """The quantization step of output tensor `index` (default: the first): its scale, or that of the tensor its
+    DEQUANTIZE reads; None for a float graph."""
     fm = _flatbuffer.parse(tflite)
     sg = fm.subgraphs[0]
     index = sg.outputs[0] if index is None else index
@@ -331,18 +304,14 @@ def output_scale(tflite, index=None):
 
 
 def _check_compare_args(keras_model, x, runner):
-    """(Keras input kind, {name: array}) for `x`, after the checks `predict` would otherwise fail on deep
-    inside Keras."""
-    import keras
-
+    """(Keras input kind, {name: array}) for `x`, checked before Keras would fail on it deep inside `predict`."""
     if not isinstance(keras_model, keras.Model):
         raise TypeError(
             "`keras_model` must be the keras Model the .tflite was converted from (load a file with "
             f"`keras.saving.load_model(path)`). Received: keras_model={keras_model!r} of type {type(keras_model).__name__}"
         )
     # A subclassed model has no known inputs to check against: the .tflite's name, any shape.
-    subclassed = ("single", [_structure.Spec(runner.input_names[0], None, "float32")])
-    kind, specs = _structure.keras_inputs(keras_model) or subclassed
+    kind, specs = _structure.keras_inputs(keras_model, runner.input_names[0])
     named = _structure.named_arrays(x, specs, "x", non_numeric=TypeError)
     first = next(iter(named.values()))
     if first.ndim == 0 or len(first) == 0:
@@ -413,18 +382,13 @@ def compare(keras_model, tflite, x, *, batch_size=32):
     else:
         ref = list(ref) if isinstance(ref, (list, tuple)) else [ref]
         ref_names = list(getattr(keras_model, "output_names", None) or ())
-    ref = [np.asarray(r) for r in ref]
-    if len(ref) == 1 and len(got) == 1:
-        ref_by_name = {runner.output_names[0]: ref[0]}
-    elif sorted(ref_names) == sorted(runner.output_names):
-        ref_by_name = dict(zip(ref_names, ref))
-    elif len(ref) == len(got):
-        ref_by_name = dict(zip(runner.output_names, ref))
-    else:
+    if len(ref) != len(got):
         raise ValueError(
             f"The .tflite has {len(got)} output(s) and the Keras model {len(ref)}: `compare` needs the model the "
             f"file was converted from. Received: keras_model={keras_model.name!r}"
         )
+    # By name where the .tflite carries the Keras names (`convert` writes them), else by position.
+    ref_by_name = dict(zip(_structure.in_order(ref_names, runner.output_names), map(np.asarray, ref)))
     parts = {
         name: _compare_one(g, ref_by_name[name], output_scale(content, d["index"]))
         for name, g, d in zip(runner.output_names, got, runner.outputs)

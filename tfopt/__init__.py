@@ -10,7 +10,7 @@ from tfopt import clustering, quantizers
 from tfopt.channel_pruning import ChannelPruningReport, channel_report, prune_channels
 from tfopt.clustering import ClusteringReport, ClusterWeights, cluster_weights, clustering_report, strip_clustering
 from tfopt.distillation import distill, strip_distillation
-from tfopt.low_rank import LowRankReport, low_rank_factorize
+from tfopt.low_rank import LowRankReport, low_rank_factorize, low_rank_report
 from tfopt.pruning import PruneLowMagnitude, SparsityReport, prune_low_magnitude, sparsity_report, strip_pruning
 from tfopt.qat import is_quantized_model, quantize_annotate_layer, quantize_annotate_model, quantize_apply, quantize_model
 from tfopt.qat_layers import QuantizeAnnotate, QuantizeConfig, QuantizeLayer, QuantizeWrapper
@@ -41,6 +41,7 @@ __all__ = [
     "distill",
     "is_quantized_model",
     "low_rank_factorize",
+    "low_rank_report",
     "prune_channels",
     "prune_low_magnitude",
     "quantize_annotate_layer",

@@ -213,11 +213,6 @@ def build_inner(layer, build_config, specs):
         layer(*[keras.KerasTensor(tuple(shape), dtype) for shape, dtype in specs])
 
 
-def clone(model, clone_function):
-    """Rebuilds `model` (and nested models) calling `clone_function` per layer."""
-    return keras.models.clone_model(model, clone_function=clone_function, recursive=True)
-
-
 def name_allocator():
     """A function returning `name`, or `name_2`, `name_3`... if already given out (names in a model are unique)."""
     used = set()
@@ -301,8 +296,4 @@ def _symbolic_inputs(model):
 
 def describe(layer):
     return f"'{layer.name}' of type {type(layer).__name__}"
-
-
-def has_weights(layer):
-    return bool(layer.weights)
 

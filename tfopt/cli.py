@@ -15,11 +15,8 @@ __all__ = ["main"]
 def _demo(args):
     from tfopt.demo import run_demo
 
-    if args.quick:
-        epochs = dict(float_epochs=1, prune_epochs=2, qat_epochs=1)
-    else:
-        epochs = dict(float_epochs=args.float_epochs, prune_epochs=args.prune_epochs, qat_epochs=args.qat_epochs)
-    run_demo(out_dir=args.out, seed=args.seed, verbose=0 if args.quiet else 1, **epochs)
+    epochs = (1, 2, 1) if args.quick else (args.float_epochs, args.prune_epochs, args.qat_epochs)  # float, prune, QAT
+    run_demo(args.out, *epochs, seed=args.seed, verbose=0 if args.quiet else 1)
     return 0
 
 

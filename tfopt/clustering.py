@@ -51,18 +51,14 @@ Cluster-preserving QAT is `tfopt.quantize_model(model, preserve_clusters=...)`:
 the QAT wrapper trains each clustered kernel's centroids with the assignment
 fixed and picks per-channel int8 scales that give every channel the same codes,
 so conv, depthwise and Dense kernels export with at most ``number_of_clusters``
-int8 values (see `tfopt.qat_layers`). The older projection `snap_to_centroids`
-(each cluster replaced by its mean after every optimizer step, as a variable
-constraint: `centroid_constraint`, or `constrain_to_clusters` for a whole model)
-keeps the float clusters but not the int8 ones of per-channel conv kernels.
+int8 values (see `tfopt.qat_layers`). Both train through `Clusters`, the one
+cluster mechanism.
 
-Variable order inside `ClusterWeights` (the `.keras` format stores variables
-by position; never reorder): the inner layer's variables, then for each
-clustered weight, in registry order, ``<weight>_centroids`` (trainable),
-``<weight>_centroid_mask`` and ``<weight>_indices`` (non-trainable). Keras
-stores a layer's trainable variables before its non-trainable ones, so the
-file holds every ``_centroids`` first, then the masks and indices, each group
-in that order.
+Variables of `ClusterWeights`: for each clustered weight, in registry order,
+``<weight>_centroids`` (trainable), ``<weight>_centroid_mask`` and
+``<weight>_indices`` (non-trainable). The `.keras` format stores a layer's
+variables by position (never reorder), trainable ones first: every
+``_centroids``, then every ``_centroid_mask`` and ``_indices`` pair.
 """
 
 import math
@@ -71,6 +67,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from tfopt import _checks, _graph, _report, _wrappers
 from tfopt import _model_utils as mu
 from tfopt import registry
 
@@ -78,17 +75,14 @@ __all__ = [
     "CentroidInitialization",
     "ClusterWeights",
     "ClusteringReport",
-    "centroid_constraint",
     "cluster_tensor",
     "cluster_weights",
     "clustering_report",
-    "constrain_to_clusters",
     "density_based_centroids",
     "kmeans_plus_plus_centroids",
     "linear_centroids",
     "nearest_centroid",
     "random_centroids",
-    "snap_to_centroids",
     "strip_clustering",
 ]
 
@@ -131,17 +125,8 @@ def _values(values, arg_name="values"):
 
 
 def _check_k(number_of_clusters, minimum=1):
-    if isinstance(number_of_clusters, bool) or not isinstance(number_of_clusters, (int, np.integer)):
-        raise TypeError(
-            "`number_of_clusters` must be an integer: the number of distinct values each clustered "
-            f"kernel keeps, e.g. 16. Received: number_of_clusters={number_of_clusters!r}"
-        )
-    if number_of_clusters < minimum:
-        raise ValueError(
-            f"`number_of_clusters` must be >= {minimum}: the number of distinct values each clustered "
-            f"kernel keeps (16 is a common choice). Received: number_of_clusters={number_of_clusters}"
-        )
-    return int(number_of_clusters)
+    hint = "It is the number of distinct values each clustered kernel keeps (16 is a common choice)."
+    return _checks.check_int(number_of_clusters, "number_of_clusters", minimum, hint)
 
 
 def linear_centroids(values, number_of_clusters):
@@ -287,29 +272,22 @@ def nearest_centroid(values, centroids):
     return np.searchsorted(boundaries, x, side="left").astype(np.int32)
 
 
-def _canonical_init(cluster_centroids_init):
-    if isinstance(cluster_centroids_init, str):
-        name = cluster_centroids_init.strip().lower()
-        name = name.split("centroidinitialization.")[-1]  # TFMOT's enum values
-        name = _ALIASES.get(name, name)
-        if name in _INITS:
-            return name
-    raise ValueError(
-        f"`cluster_centroids_init` must be one of {_INITS} (or a "
-        "tfopt.clustering.CentroidInitialization constant). "
-        f"Received: cluster_centroids_init={cluster_centroids_init!r}"
-    )
+def _canonical_init(value):
+    name = value.strip().lower().split("centroidinitialization.")[-1] if isinstance(value, str) else None  # TFMOT's
+    name = _ALIASES.get(name, name)
+    if name in _INITS:
+        return name
+    # `value` is not in _INITS either (their canonical names are themselves): this raises.
+    hint = "A tfopt.clustering.CentroidInitialization constant works too."
+    return _checks.check_choice(value, "cluster_centroids_init", _INITS, hint)
 
 
 def _check_options(number_of_clusters, cluster_centroids_init, preserve_sparsity):
-    k = _check_k(number_of_clusters, minimum=2)
-    init = _canonical_init(cluster_centroids_init)
-    if not isinstance(preserve_sparsity, (bool, np.bool_)):
-        raise TypeError(
-            "`preserve_sparsity` must be True (zero weights stay exactly zero) or False. "
-            f"Received: preserve_sparsity={preserve_sparsity!r}"
-        )
-    return k, init, bool(preserve_sparsity)
+    return (
+        _check_k(number_of_clusters, minimum=2),
+        _canonical_init(cluster_centroids_init),
+        _checks.check_bool(preserve_sparsity, "preserve_sparsity", "True keeps zero weights exactly zero."),
+    )
 
 
 def cluster_tensor(weights, number_of_clusters, cluster_centroids_init="kmeans++", preserve_sparsity=True, seed=0):
@@ -372,11 +350,6 @@ def _clusterable(layer, positions=None):
     return [(w.path.replace("/", "_"), w.variable) for w in registry.selected(layer, positions, _PROTOCOL)]
 
 
-def _is_clusterable_type(layer):
-    spec = registry.lookup(layer)
-    if spec is not None:
-        return bool(spec.prunable) or spec.sublayers
-    return registry.knowable(layer, _PROTOCOL)
 
 
 def _refuse_layer(layer, arg_name):
@@ -402,59 +375,78 @@ def _check_finite(layers, received):
         )
 
 
-class _KernelClustering:
-    """`cluster_tensor` of one inner weight, computed once, feeding the initializers of its three variables.
+class Clusters:
+    """One clustered weight: ``value() = take(centroids * centroid_mask, indices)``, with its three variables.
 
-    Variable initialization can be deferred (a subclassed model is built inside
-    a symbolic scope, and its variables are initialized, in creation order, at
-    its exit): the kernel is then read when it holds its value, not at build.
+    The one cluster mechanism of tfopt, used by `ClusterWeights` and by cluster-preserving QAT
+    (`tfopt.qat_layers.QuantizeWrapper`). The variables are created on `owner`, in this order:
+    ``<name>_centroids`` (trainable), ``<name>_centroid_mask`` and ``<name>_indices``; they are initialized
+    with `cluster_tensor` of `weight` as it is when they are initialized (initialization can be deferred: a
+    subclassed model is built inside a symbolic scope and its variables are initialized at its exit), and
+    `weight` is made non-trainable (read only through the lookup: no gradient, no optimizer slots). A
+    weight that already holds at most `number_of_clusters` distinct values (a stripped clustered kernel)
+    keeps exactly them: k-means++ picks every distinct value before repeating one.
+
+    Args:
+        owner: the layer that owns the variables.
+        weight: the variable to cluster.
+        name: prefix of the variable names.
+        number_of_clusters, init, preserve_sparsity: as `cluster_tensor`.
+        dtype: of the centroids (default: the weight's).
     """
 
-    def __init__(self, weight, number_of_clusters, init, preserve_sparsity):
+    def __init__(self, owner, weight, name, number_of_clusters, init="kmeans++", preserve_sparsity=True, dtype=None):
         self.weight = weight
-        self.args = (number_of_clusters, init, preserve_sparsity)
-        self._parts = None
-        self._pending = {0, 1, 2}
+        self._args = (number_of_clusters, init, preserve_sparsity)
+        self._parts, self._pending = None, {0, 1, 2}
+        k, dtype = number_of_clusters, dtype or weight.dtype
+        self.centroids = owner.add_weight(
+            name=f"{name}_centroids", shape=(k,), dtype=dtype, initializer=self._initializer(0), trainable=True,
+            autocast=False,
+        )
+        self.centroid_mask = owner.add_weight(
+            name=f"{name}_centroid_mask", shape=(k,), dtype=dtype, initializer=self._initializer(1), trainable=False,
+            autocast=False,
+        )
+        self.indices = owner.add_weight(
+            name=f"{name}_indices", shape=weight.shape, dtype="int32", initializer=self._initializer(2), trainable=False
+        )
+        weight.trainable = False
 
-    def initializer(self, part):
+    def _initializer(self, part):
         def initialize(shape, dtype=None):
             if self._parts is None:
-                self._parts = cluster_tensor(ops.convert_to_numpy(self.weight), *self.args)
+                with _wrappers.stored_dtype():
+                    self._parts = cluster_tensor(ops.convert_to_numpy(self.weight), *self._args)
             value = self._parts[part]
             self._pending.discard(part)
             if not self._pending:
-                self._parts = None  # the indices are kernel-sized: do not keep them
+                self._parts = None  # the indices are weight-sized: do not keep them
             return np.asarray(value).astype(keras.backend.standardize_dtype(dtype))
 
         return initialize
 
+    def value(self):
+        """The clustered weight, as a tensor."""
+        return ops.take(self.centroids * self.centroid_mask, self.indices)
 
-class _MergedScope(keras.StatelessScope):
-    """A StatelessScope that also keeps what an enclosing one maps.
-
-    Inside `Model.stateless_call` (how the JAX backend trains) every variable
-    is read from the enclosing scope; a plain inner scope would hide those
-    values from the wrapped layer (its bias would be read from the variable).
-    """
-
-    def __init__(self, state_mapping):
-        super().__init__(state_mapping=state_mapping)
-        try:
-            from keras.src.backend.common.stateless_scope import get_stateless_scope
-        except ImportError:  # a Keras that moved it: no enclosing scope to merge
-            return
-        outer = get_stateless_scope()
-        if outer is not None:
-            self.state_mapping = {**outer.state_mapping, **self.state_mapping}
+    def reset(self, seed=0):
+        """Re-clusters from the weight's current values (`cluster_tensor` with `seed`)."""
+        with _wrappers.stored_dtype():
+            c, m, idx = cluster_tensor(ops.convert_to_numpy(self.weight), *self._args, seed=seed)
+        self.centroids.assign(c.astype(self.centroids.dtype))
+        self.centroid_mask.assign(m.astype(self.centroid_mask.dtype))
+        self.indices.assign(idx)
 
 
 @keras.saving.register_keras_serializable(package="tfopt")
-class ClusterWeights(keras.layers.Wrapper):
+class ClusterWeights(_wrappers.TfoptWrapper):
     """Wraps a layer so that each kernel is a lookup into trainable centroids during `fit`.
 
     Usually created by `tfopt.cluster_weights`. No callback is needed: the
-    optimizer trains the centroids like any other weight. See the module
-    docstring for the mechanism, the sparsity rule and the variable order.
+    optimizer trains the centroids like any other weight. Each clustered
+    weight is one `Clusters`; see the module docstring for the mechanism, the
+    sparsity rule and the variable order.
 
     Args:
         layer: the layer to cluster (a type with prunable weights in
@@ -476,152 +468,61 @@ class ClusterWeights(keras.layers.Wrapper):
         >>> layer = tfopt.clustering.ClusterWeights(keras.layers.Dense(10), 16)
     """
 
+    technique = "clustering"
+    _config_keys = ("number_of_clusters", "cluster_centroids_init", "preserve_sparsity", "weight_positions")
+
     def __init__(
         self, layer, number_of_clusters, cluster_centroids_init="kmeans++", preserve_sparsity=True, weight_positions=None,
         **kwargs,
     ):
-        if not isinstance(layer, keras.layers.Layer):
-            raise TypeError(f"`layer` must be a keras layer. Received: layer={layer!r} of type {type(layer).__name__}")
-        if isinstance(layer, ClusterWeights):
-            raise ValueError(
-                f"Layer {mu.describe(layer)} is already wrapped for clustering. Pass the inner layer "
-                f"(`wrapper.layer`) or use it as it is. Received: layer={layer.name!r}"
-            )
-        if not _is_clusterable_type(layer):
-            raise _refuse_layer(layer, "layer")
-        k, init, preserve = _check_options(number_of_clusters, cluster_centroids_init, preserve_sparsity)
-        kwargs.setdefault("name", f"cluster_{layer.name}")
+        kwargs.setdefault("name", f"cluster_{getattr(layer, 'name', '')}")  # not a layer: the base refuses it
         super().__init__(layer, **kwargs)
-        self.number_of_clusters = k
-        self.cluster_centroids_init = init
-        self.preserve_sparsity = preserve
+        if not registry.knowable(layer, _PROTOCOL):
+            raise _refuse_layer(layer, "layer")
+        self.number_of_clusters, self.cluster_centroids_init, self.preserve_sparsity = _check_options(
+            number_of_clusters, cluster_centroids_init, preserve_sparsity
+        )
         self.weight_positions = None if weight_positions is None else tuple(weight_positions)
-        self.supports_masking = getattr(layer, "supports_masking", False)
-        self._clustered = []  # [(weight variable, centroids, centroid_mask, indices)]
+        self._clusters = []
 
     def build(self, input_shape=None):
-        if not self.layer.built:
-            self.layer.build(input_shape)
-        self._clustered = []
-        k = self.number_of_clusters
-        for name, w in _clusterable(self.layer, self.weight_positions):
-            # Initialized from the inner weights as they are when the variables
-            # are initialized (a .keras load then overwrites them all).
-            source = _KernelClustering(w, k, self.cluster_centroids_init, self.preserve_sparsity)
-            centroids = self.add_weight(
-                name=f"{name}_centroids", shape=(k,), dtype=w.dtype, initializer=source.initializer(0),
-                trainable=True, autocast=False,
-            )
-            mask = self.add_weight(
-                name=f"{name}_centroid_mask", shape=(k,), dtype=w.dtype, initializer=source.initializer(1),
-                trainable=False, autocast=False,
-            )
-            indices = self.add_weight(
-                name=f"{name}_indices", shape=w.shape, dtype="int32", initializer=source.initializer(2), trainable=False
-            )
-            self._clustered.append((w, centroids, mask, indices))
-        for w, _, _, _ in self._clustered:
-            w.trainable = False  # read only through the lookup: no gradient, no optimizer slots
-        self.built = True
+        super().build(input_shape)
+        options = (self.number_of_clusters, self.cluster_centroids_init, self.preserve_sparsity)
+        weights = _clusterable(self.layer, self.weight_positions)
+        self._clusters = [Clusters(self, w, name, *options) for name, w in weights]
 
     def init_clusters_from_weights(self, seed=0):
-        """(Re)clusters every clustered weight from the inner layer's current values.
+        """(Re)clusters every clustered weight from the inner layer's current values (`Clusters.reset`).
 
         `build` does this already (when the variables are initialized); call
         it to start over from weights assigned to the inner layer since.
-        Sets centroids, centroid masks and indices with
-        `tfopt.clustering.cluster_tensor`.
 
         Args:
             seed: seed of the "kmeans++" and "random" initializations.
         """
-        for w, centroids, mask, indices in self._clustered:
-            c, m, idx = cluster_tensor(
-                ops.convert_to_numpy(w), self.number_of_clusters, self.cluster_centroids_init, self.preserve_sparsity, seed
-            )
-            centroids.assign(c.astype(centroids.dtype))
-            mask.assign(m.astype(mask.dtype))
-            indices.assign(idx)
-
-    def get_build_config(self):
-        if not self.built:
-            return None
-        return {"layer": self.layer.get_build_config(), "inputs": mu.input_specs(self)}
-
-    def build_from_config(self, config):
-        config = config or {}
-        mu.build_inner(self.layer, config.get("layer"), config.get("inputs"))
-        self.build()
+        for clusters in self._clusters:
+            clusters.reset(seed)
 
     @property
     def clustered_variables(self):
         """[(weight, centroids, centroid_mask, indices)] for each clustered weight, in build order."""
-        return list(self._clustered)
+        return [(c.weight, c.centroids, c.centroid_mask, c.indices) for c in self._clusters]
 
     def clustered_weights(self):
         """[(inner weight variable, its clustered value as a tensor)], in build order."""
-        return [(w, _lookup(c, m, idx)) for w, c, m, idx in self._clustered]
+        return [(c.weight, c.value()) for c in self._clusters]
 
     def call(self, inputs, *args, **kwargs):
-        with _MergedScope(self.clustered_weights()):
+        with _wrappers.substitute(self.clustered_weights()):
             return self.layer(inputs, *args, **kwargs)
-
-    def compute_output_spec(self, *args, **kwargs):
-        return self.layer.compute_output_spec(*args, **kwargs)
-
-    def compute_output_shape(self, input_shape):
-        return self.layer.compute_output_shape(input_shape)
-
-    def compute_mask(self, inputs, previous_mask=None):
-        return self.layer.compute_mask(inputs, previous_mask)
 
     def stripped_layer(self):
         """A plain copy of the inner layer whose clustered weights hold their clustered values."""
         clustered = {id(w): value for w, value in self.clustered_weights()}
         return mu.copy_layer(self.layer, weights=[ops.convert_to_numpy(clustered.get(id(v), v)) for v in self.layer.weights])
 
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "number_of_clusters": self.number_of_clusters,
-                "cluster_centroids_init": self.cluster_centroids_init,
-                "preserve_sparsity": self.preserve_sparsity,
-                "weight_positions": self.weight_positions,
-            }
-        )
-        return config
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        layer = mu.deserialize_layer(config.pop("layer"), custom_objects)
-        return cls(layer, **config)
-
-
-def _lookup(centroids, mask, indices):
-    return ops.take(centroids * mask, indices)
-
 
 # -- model transforms ----------------------------------------------------------------
-
-
-def _copy(layer):
-    # Op nodes (`x * 2.0`) are stateless Operations, not Layers: shared as they are.
-    return mu.copy_layer(layer) if isinstance(layer, keras.layers.Layer) else layer
-
-
-def _wrappers(model):
-    return [l for l in model._flatten_layers(include_self=True, recursive=True) if isinstance(l, ClusterWeights)]
-
-
-def _tfopt_wrappers(model):
-    """tfopt pruning / QAT layers in `model` (imported lazily: clustering does not depend on them)."""
-    from tfopt.pruning import PruneLowMagnitude
-    from tfopt.qat_layers import QuantizeAnnotate, QuantizeLayer, QuantizeWrapper
-
-    kinds = (PruneLowMagnitude, QuantizeWrapper, QuantizeLayer, QuantizeAnnotate)
-    return [l for l in model._flatten_layers(include_self=False, recursive=True) if isinstance(l, kinds)]
 
 
 def cluster_weights(
@@ -684,7 +585,7 @@ def cluster_weights(
                 f"Layer {mu.describe(layer)} is already wrapped for clustering. Keep training it, or strip it "
                 f"(`tfopt.strip_clustering`) first. Received: model_or_layer={layer.name!r}"
             )
-        if not _is_clusterable_type(layer):
+        if not registry.knowable(layer, _PROTOCOL):
             raise _refuse_layer(layer, "model_or_layer")
         _check_finite([layer], f"model_or_layer={layer.name!r}")
         wrapper = ClusterWeights(mu.copy_layer(layer) if layer.built else layer, **options)
@@ -698,19 +599,19 @@ def cluster_weights(
         mu.check_built_subclassed(model, "model_or_layer", "cluster_weights")
     else:
         mu.check_model(model, "model_or_layer", "cluster_weights")
-    if _wrappers(model):
+    if _wrappers.find(model, ClusterWeights):
         raise ValueError(
             f"Model {model.name!r} is already wrapped for clustering. Keep training it, or call "
             f"`tfopt.strip_clustering(model)` first to cluster the stripped model again. Received: model_or_layer={model.name!r}"
         )
-    others = _tfopt_wrappers(model)
-    if others:
-        raise ValueError(
-            f"Model {model.name!r} holds tfopt pruning or QAT layers ({', '.join(mu.describe(l) for l in others[:4])}"
-            f"{', ...' if len(others) > 4 else ''}). Cluster a plain model: call `tfopt.strip_pruning(model)` first "
-            "(preserve_sparsity=True keeps its zeros); quantize after clustering, not before. "
-            f"Received: model_or_layer={model.name!r}"
-        )
+    # Every other tfopt wrapper is a pruning or QAT one; a QAT model always holds QuantizeWrappers (TfoptWrappers),
+    # so this refuses it without importing the QAT modules.
+    _wrappers.refuse(
+        model, _wrappers.TfoptWrapper,
+        "Model {model} holds tfopt pruning or QAT layers ({layers}). Cluster a plain model: call "
+        "`tfopt.strip_pruning(model)` first (preserve_sparsity=True keeps its zeros); quantize after clustering, not "
+        "before. Received: model_or_layer={model}",
+    )
     chosen, unsupported = mu.select_weights([model] if subclassed else mu.all_layers(model), filters, _PROTOCOL)
     if unsupported:
         raise ValueError(mu.unplaced_message(unsupported, "cluster", _PROTOCOL) + f" Received: model_or_layer={model.name!r}")
@@ -726,10 +627,10 @@ def cluster_weights(
         return mu.functional_shell(model, wrapper, "clustered")
 
     def clone_function(layer):
-        new = _copy(layer)
+        new = mu.copy_layer(layer)
         return ClusterWeights(new, weight_positions=chosen[id(layer)], **options) if id(layer) in chosen else new
 
-    return mu.clone(model, clone_function)
+    return _graph.map_layers(model, clone_function)
 
 
 def strip_clustering(model):
@@ -758,19 +659,13 @@ def strip_clustering(model):
     if isinstance(model, ClusterWeights):
         return model.stripped_layer()
     mu.check_model(model, "model", "strip_clustering")
-
-    def clone_function(layer):
-        if isinstance(layer, ClusterWeights):
-            return layer.stripped_layer()
-        return _copy(layer)
-
-    return mu.clone(model, clone_function)
+    return _wrappers.strip(model, ClusterWeights)
 
 
 # -- report -----------------------------------------------------------------------------
 
 
-class ClusteringReport:
+class ClusteringReport(_report.Report):
     """Per-layer count of distinct values in the clusterable weights of a model.
 
     Attributes:
@@ -782,33 +677,21 @@ class ClusteringReport:
         max_distinct: the largest `distinct` of any row.
     """
 
+    header = ("layer", "type", "weights", "distinct values", "zeros")
+    right = (2, 3, 4)
+    totals = ("weights", "zeros", "max_distinct")
+
     def __init__(self, rows):
-        self.rows = rows
+        super().__init__(rows)
         self.weights = sum(r["weights"] for r in rows)
         self.zeros = sum(r["zeros"] for r in rows)
         self.max_distinct = max((r["distinct"] for r in rows), default=0)
 
-    def to_dict(self):
-        return {
-            "layers": [dict(r) for r in self.rows],
-            "weights": self.weights,
-            "zeros": self.zeros,
-            "max_distinct": self.max_distinct,
-        }
+    def _cells(self, r):
+        return r["name"], r["type"], f"{r['weights']:,}", f"{r['distinct']:,}", f"{r['zeros']:,}"
 
-    def __str__(self):
-        header = ("layer", "type", "weights", "distinct values", "zeros")
-        lines = [(r["name"], r["type"], f"{r['weights']:,}", f"{r['distinct']:,}", f"{r['zeros']:,}") for r in self.rows]
-        total = ("total", "", f"{self.weights:,}", f"max {self.max_distinct:,}", f"{self.zeros:,}")
-        widths = [max(len(str(x[i])) for x in [header, total] + lines) for i in range(5)]
-
-        def fmt(cells):
-            return "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-        rule = "-" * (sum(widths) + 8)
-        return "\n".join([fmt(header), rule] + [fmt(l) for l in lines] + [rule, fmt(total)])
-
-    __repr__ = __str__
+    def _footer(self):
+        return [("total", "", f"{self.weights:,}", f"max {self.max_distinct:,}", f"{self.zeros:,}")]
 
 
 def clustering_report(model):
@@ -841,7 +724,7 @@ def clustering_report(model):
             values = [ops.convert_to_numpy(v) for _, v in layer.clustered_weights()]
             kind = type(layer.layer).__name__
         else:
-            if isinstance(layer, keras.Model) or not layer.built or not _is_clusterable_type(layer):
+            if isinstance(layer, keras.Model) or not layer.built or not registry.knowable(layer, _PROTOCOL):
                 continue
             values = [ops.convert_to_numpy(v) for _, v in _clusterable(layer)]
             kind = type(layer).__name__
@@ -858,157 +741,3 @@ def clustering_report(model):
             }
         )
     return ClusteringReport(rows)
-
-
-# -- cluster-preserving training of a stripped model (CQAT) ----------------------------------
-
-
-def snap_to_centroids(weights, indices, number_of_clusters, centroid_mask=None):
-    """Projects `weights` onto its clusters: every weight becomes the mean of its cluster.
-
-    ``c_j = mean(weights[indices == j]) * centroid_mask[j]`` and the result is
-    ``c[indices]`` (an empty cluster's centroid is 0 and is never read). Run
-    after an optimizer step that moved each weight on its own, it averages
-    the step over each cluster (TFMOT's ``GradientAggregation.AVG``), so the
-    tensor again holds at most `number_of_clusters` distinct values, and a
-    cluster with ``centroid_mask[j] == 0`` (a pruned-zero cluster) stays 0.
-    Pure `keras.ops` (runs in the compiled train step).
-
-    Args:
-        weights: tensor of any shape.
-        indices: int tensor of the same shape, values in ``[0, number_of_clusters)``.
-        number_of_clusters: number of clusters ``k``.
-        centroid_mask: optional ``(k,)`` 0/1 tensor; 0 pins a centroid to zero.
-
-    Returns:
-        A tensor of the shape and dtype of `weights`.
-
-    Example:
-        >>> snapped = tfopt.clustering.snap_to_centroids(w, idx, 16)
-    """
-    flat = ops.reshape(weights, (-1,))
-    ids = ops.reshape(ops.cast(indices, "int32"), (-1,))
-    sums = ops.segment_sum(flat, ids, num_segments=number_of_clusters)
-    counts = ops.segment_sum(ops.ones_like(flat), ids, num_segments=number_of_clusters)
-    centroids = sums / ops.maximum(counts, ops.cast(1, flat.dtype))
-    if centroid_mask is not None:
-        centroids = centroids * ops.cast(centroid_mask, centroids.dtype)
-    return ops.reshape(ops.take(centroids, ids), ops.shape(weights))
-
-
-class _CentroidConstraint:
-    """Variable constraint: the user's constraint (if any), then `snap_to_centroids`."""
-
-    def __init__(self, indices, number_of_clusters, centroid_mask, inner):
-        self.indices = indices
-        self.number_of_clusters = number_of_clusters
-        self.centroid_mask = centroid_mask
-        self.inner = inner
-
-    def __call__(self, w):
-        if self.inner is not None:
-            w = self.inner(w)
-        return snap_to_centroids(w, self.indices, self.number_of_clusters, self.centroid_mask)
-
-
-def centroid_constraint(indices, number_of_clusters, centroid_mask=None, inner=None):
-    """A variable constraint that keeps a clustered tensor clustered after each optimizer step.
-
-    Keras 3 optimizers apply ``variable.constraint`` in the train step after
-    every update; this one applies `inner` (a constraint the variable already
-    had) and then `snap_to_centroids`. It holds references to its tensors
-    (a variable for `indices` stays live), so it is not serialized: create
-    it when the layer is built, as `tfopt.PruneLowMagnitude` does with its
-    mask constraint.
-
-    Args:
-        indices: int tensor or variable, the cluster of each weight.
-        number_of_clusters: number of clusters.
-        centroid_mask: optional ``(k,)`` 0/1 tensor or variable; 0 pins a
-            cluster at zero.
-        inner: the variable's previous constraint, or None.
-
-    Returns:
-        A callable ``constraint(w) -> w``.
-
-    Example:
-        >>> kernel.constraint = tfopt.clustering.centroid_constraint(idx_var, 16, inner=kernel.constraint)
-    """
-    _check_k(number_of_clusters)
-    return _CentroidConstraint(indices, int(number_of_clusters), centroid_mask, inner)
-
-
-def constrain_to_clusters(model, number_of_clusters, preserve_sparsity=True):
-    """Makes training keep each already-clustered kernel of `model` clustered (in place).
-
-    For use on a model built from a stripped clustered model, typically its
-    QAT copy: ``qat = tfopt.quantize_model(tfopt.strip_clustering(clustered))``.
-    Every kernel (the registry's prunable and quantizable weights of every
-    sub-layer) that holds at most `number_of_clusters` distinct values gets a
-    `centroid_constraint` with its current clusters (``np.unique``), so after
-    each optimizer step it holds its clusters' means again; with
-    `preserve_sparsity`, a cluster of exact zeros is pinned at zero. Together
-    with a per-tensor weight quantizer (Dense in `tfopt.quantize_model`) the
-    exported int8 kernel holds at most `number_of_clusters` distinct values.
-
-    The constraints live on the variables and are not saved: call this again
-    after loading the model to keep training it.
-
-    Args:
-        model: a Keras model (or layer); it is modified in place.
-        number_of_clusters: the clustering's number of clusters (>= 2).
-        preserve_sparsity: pin a cluster of exact zeros at zero.
-
-    Returns:
-        The paths of the constrained variables.
-
-    Raises:
-        TypeError: `model` is not a Keras model or layer.
-        ValueError: `number_of_clusters < 2`, `model` holds `ClusterWeights`
-            layers (strip them first), or no kernel has at most
-            `number_of_clusters` distinct values.
-
-    Example:
-        >>> qat = tfopt.quantize_model(tfopt.strip_clustering(clustered))
-        >>> tfopt.clustering.constrain_to_clusters(qat, 16)
-        >>> qat.compile(...); qat.fit(...)
-    """
-    k = _check_k(number_of_clusters, minimum=2)
-    if not isinstance(model, keras.layers.Layer):
-        raise TypeError(f"`model` must be a keras model or layer. Received: model={model!r} of type {type(model).__name__}")
-    if not isinstance(preserve_sparsity, (bool, np.bool_)):
-        raise TypeError(f"`preserve_sparsity` must be True or False. Received: preserve_sparsity={preserve_sparsity!r}")
-    layers = model._flatten_layers(include_self=True, recursive=True)
-    if any(isinstance(l, ClusterWeights) for l in layers):
-        raise ValueError(
-            f"Model {model.name!r} still holds ClusterWeights layers, which keep their clusters by construction. "
-            f"Call `tfopt.strip_clustering(model)` first (and quantize the stripped model). Received: model={model.name!r}"
-        )
-    plan, seen = [], set()
-    for layer in layers:
-        spec = registry.lookup(layer)
-        if spec is None or not layer.built:
-            continue
-        for path in dict.fromkeys(spec.prunable + spec.quantizable):
-            var = registry.weight_at(layer, path)
-            if id(var) in seen or not var.trainable:
-                continue
-            seen.add(id(var))
-            values = np.asarray(ops.convert_to_numpy(var))
-            centroids, inverse = np.unique(values, return_inverse=True)
-            if centroids.size <= k:
-                plan.append((var, centroids, inverse.reshape(values.shape)))
-    if not plan:
-        raise ValueError(
-            f"No kernel of model {model.name!r} holds at most {k} distinct values: nothing is clustered. Cluster the "
-            "float model (`tfopt.cluster_weights`), fine-tune, strip it (`tfopt.strip_clustering`) and quantize the "
-            f"stripped model. Received: number_of_clusters={k}"
-        )
-    for var, centroids, inverse in plan:
-        mask = np.ones(k, dtype=np.float32)
-        if preserve_sparsity:
-            mask[: centroids.size][centroids == 0] = 0.0
-        var.constraint = _CentroidConstraint(
-            ops.convert_to_tensor(inverse.astype(np.int32)), k, ops.convert_to_tensor(mask), var.constraint
-        )
-    return [var.path for var, _, _ in plan]

@@ -12,10 +12,10 @@ import numpy as np
 __all__ = ["load_mnist_subset", "load_digits", "mnist_cnn"]
 
 
-def _missing(package, extra="data"):
+def _missing(package):
     return ImportError(
         f"This dataset ships with the `{package}` package, which is not installed. "
-        f"Fix: `pip install {package}` (or `pip install tfopt[{extra}]`)."
+        f"Fix: `pip install {package}` (or `pip install tfopt[data]`)."
     )
 
 

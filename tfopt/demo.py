@@ -16,6 +16,7 @@ import keras
 import numpy as np
 
 import tfopt
+from tfopt import _checks
 from tfopt import data as tfopt_data
 
 __all__ = ["run_demo"]
@@ -67,16 +68,17 @@ def run_demo(out_dir="tfopt_artifacts", float_epochs=8, prune_epochs=6, qat_epoc
     Returns:
         A dict with accuracies, sparsity, sizes and artifact paths (also
         written to ``<out_dir>/report.json``).
+
+    Raises:
+        TypeError / ValueError: an epoch count that is not an integer, or below its minimum.
     """
     from tfopt import callbacks as tfopt_callbacks
     from tfopt import tflite_export
     from tfopt.tflite_export._io import atomic_write
 
-    for name, value in (("float_epochs", float_epochs), ("prune_epochs", prune_epochs)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be an integer >= 1. Received: {name}={value!r}")
-    if not isinstance(qat_epochs, int) or qat_epochs < 0:
-        raise ValueError(f"`qat_epochs` must be an integer >= 0. Received: qat_epochs={qat_epochs!r}")
+    _checks.check_int(float_epochs, "float_epochs", 1)
+    _checks.check_int(prune_epochs, "prune_epochs", 1)
+    _checks.check_int(qat_epochs, "qat_epochs", 0)
     os.makedirs(out_dir, exist_ok=True)
     say = print if verbose else (lambda *a, **k: None)
     fit_verbose = 2 if verbose else 0
@@ -160,7 +162,7 @@ def run_demo(out_dir="tfopt_artifacts", float_epochs=8, prune_epochs=6, qat_epoc
         say(f"  QAT (Keras) accuracy     {qat_acc:.2%}")
     say(f"  int8 TFLite accuracy     {int8_acc:.2%}  (LiteRT)")
     say(f"  model sparsity           {report.sparsity:.1%}")
-    for key, label in (("float_tflite", "float TFLite"), ("pruned_float_tflite", "pruned float TFLite"), ("int8_edgetpu_tflite", "int8 Edge TPU TFLite")):
+    for key, label in zip(sizes, ("float TFLite", "pruned float TFLite", "int8 Edge TPU TFLite")):
         say(f"  {label:<24} {sizes[key]['raw_bytes']:>9,} B raw  {sizes[key]['gzip_bytes']:>9,} B gzipped")
     ratio = sizes["float_tflite"]["gzip_bytes"] / sizes["int8_edgetpu_tflite"]["gzip_bytes"]
     say(f"  int8 vs float (gzip)     {ratio:.1f}x smaller")

@@ -11,23 +11,10 @@ with ``t`` and ``s`` the teacher's and the student's logits and ``T`` the
 gradients at the scale of the hard one). ``L_student`` is the loss given to
 ``distiller.compile(loss=...)``.
 
-What tfopt adds around it:
-
-- The KL term really is the one above: tfopt passes a
-  `keras.losses.KLDivergence` instance, because with LogitsDistillation's
-  default ``loss="kl_divergence"`` (a string, resolved to the plain function)
-  Keras 3.15 skips the softmax and the ``T^2`` and takes the KL divergence of
-  the clipped, scaled logits.
-- Validation first, with messages that say what to fix: both models built,
-  the same input and output shapes, logits out (not softmax / sigmoid
-  probabilities), a positive temperature, ``alpha`` in [0, 1].
-- The teacher you pass is untouched: the Distiller freezes (sets
-  ``trainable = False`` on) a copy of it, not your model.
-- The student is trained in place (``distiller.student is student``), and may
-  be a pruning model (train with `tfopt.callbacks.UpdatePruningStep`, which
-  finds its wrappers inside the Distiller), a clustering model or a QAT
-  model. `strip_distillation` returns it ready for
-  `tfopt.tflite_export.convert`.
+What tfopt adds around it (README.md, "Distillation"): the KL term really is the one above (a
+`keras.losses.KLDivergence` instance, not LogitsDistillation's default string: see the comment in `distill`);
+validation first, with messages that say what to fix; a frozen copy of the teacher (yours is untouched); a student
+trained in place, which may be pruned, clustered or QAT-wrapped, and `strip_distillation` to export it.
 """
 
 import numbers
@@ -35,6 +22,7 @@ import numbers
 import keras
 
 from tfopt import _model_utils as mu
+from tfopt import _graph, _wrappers
 from tfopt.qat_layers import activation_name
 
 __all__ = ["distill", "strip_distillation"]
@@ -43,28 +31,20 @@ _PROBABILITY_ACTIVATIONS = ("softmax", "sigmoid", "log_softmax")
 
 
 def _output_layers(model):
-    if isinstance(model, keras.Sequential):
-        return [model.layers[-1]] if model.layers else []
-    return [t._keras_history.operation for t in keras.tree.flatten(model.outputs)]
+    """The layers computing the outputs of a Sequential or Functional `model` (nested models looked into)."""
+    if not getattr(model, "outputs", None):  # a Sequential built without a symbolic graph
+        return model.layers[-1:]
+    graph = _graph.Graph(model)
+    return [graph.producer(c).op for c in graph.outputs if graph.producer(c) is not None]
 
 
 def _final_activation(layer):
-    """The activation applied last by `layer` (unwrapping wrappers and nested models), or None."""
-    while True:
-        if isinstance(layer, keras.Model):
-            outputs = _output_layers(layer)
-            if len(outputs) != 1:
-                return None
-            layer = outputs[0]
-        elif isinstance(layer, keras.layers.Wrapper):
-            layer = layer.layer
-        else:
-            break
+    """The activation applied last by `layer` (unwrapping wrappers), or None."""
+    while isinstance(layer, keras.layers.Wrapper):
+        layer = layer.layer
     if isinstance(layer, keras.layers.Softmax):
         return "softmax"
-    if isinstance(layer, keras.layers.Activation) or hasattr(layer, "activation"):
-        return activation_name(getattr(layer, "activation", None))
-    return None
+    return activation_name(layer.activation) if hasattr(layer, "activation") else None
 
 
 def _check_model(model, arg_name):
@@ -157,8 +137,7 @@ def distill(teacher, student, temperature=3.0, alpha=0.1):
             f"API. Received: teacher={type(teacher).__name__}"
         )
     for side in ("inputs", "outputs"):
-        t = getattr(teacher, side, None)
-        s = getattr(student, side, None)
+        t, s = getattr(teacher, side, None), getattr(student, side, None)
         if t is None or s is None:
             continue
         ts, ss = _shapes(t), _shapes(s)
@@ -175,15 +154,13 @@ def distill(teacher, student, temperature=3.0, alpha=0.1):
     _check_number("alpha", alpha, 0.0, 1.0, False, "in [0, 1] (the weight of the student's own loss)")
 
     # Op nodes (`x * 2.0`) are stateless Operations, not Layers: shared as they are.
-    frozen = mu.clone(teacher, lambda l: mu.copy_layer(l) if isinstance(l, keras.layers.Layer) else l)
+    frozen = _graph.map_layers(teacher)
     return keras.distillation.Distiller(
         teacher=frozen,
         student=student,
-        # A KLDivergence *instance*: LogitsDistillation's default loss string
-        # "kl_divergence" resolves to the plain function, which fails its
-        # isinstance(KLDivergence) check, so Keras 3.15 then applies KL to the
-        # scaled logits themselves (no softmax, no T^2). Measured in
-        # tests/test_distillation.py::test_loss_matches_the_numpy_formula.
+        # A KLDivergence *instance*: LogitsDistillation's default loss string "kl_divergence" resolves to the plain
+        # function, which fails its isinstance(KLDivergence) check, so Keras 3.15 then applies KL to the scaled
+        # logits themselves (no softmax, no T^2). Measured in test_distillation.py::test_loss_matches_the_numpy_formula.
         distillation_losses=keras.distillation.LogitsDistillation(
             temperature=float(temperature), loss=keras.losses.KLDivergence()
         ),
@@ -219,13 +196,5 @@ def strip_distillation(distiller):
             f"use tfopt.strip_pruning / tfopt.strip_clustering). Received: distiller={distiller!r} of type "
             f"{type(distiller).__name__}"
         )
-    from tfopt.clustering import ClusterWeights, strip_clustering
-    from tfopt.pruning import PruneLowMagnitude, strip_pruning
-
     student = distiller.student
-    layers = student._flatten_layers(include_self=False, recursive=True)
-    if any(isinstance(l, PruneLowMagnitude) for l in layers):
-        student = strip_pruning(student)
-    if any(isinstance(l, ClusterWeights) for l in student._flatten_layers(include_self=False, recursive=True)):
-        student = strip_clustering(student)
-    return student
+    return _wrappers.strip(student) if _wrappers.find(student, _wrappers.STRIPPED) else student

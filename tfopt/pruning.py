@@ -30,6 +30,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from tfopt import _checks, _graph, _report, _wrappers
 from tfopt import _model_utils as mu
 from tfopt import registry
 from tfopt.schedules import ConstantSparsity, PruningSchedule
@@ -38,6 +39,7 @@ __all__ = [
     "PruneLowMagnitude",
     "prune_low_magnitude",
     "strip_pruning",
+    "pruned_wrappers",
     "sparsity_report",
     "SparsityReport",
 ]
@@ -46,6 +48,7 @@ _POOLING = ("AVG", "MAX")
 
 
 def _check_options(pruning_schedule, block_size, block_pooling_type, sparsity_m_by_n):
+    _checks.check_choice(block_pooling_type, "block_pooling_type", _POOLING, "'AVG' or 'MAX' scores a block by its mean or largest magnitude.")
     if pruning_schedule is not None and not isinstance(pruning_schedule, PruningSchedule):
         raise TypeError(
             "`pruning_schedule` must be a tfopt.PruningSchedule such as "
@@ -61,8 +64,6 @@ def _check_options(pruning_schedule, block_size, block_pooling_type, sparsity_m_
             "`block_size` must be two positive integers (rows, columns), e.g. (1, 1) for "
             f"element-wise or (1, 4) for blocks of 4. Received: block_size={block_size!r}"
         )
-    if block_pooling_type not in _POOLING:
-        raise ValueError(f"`block_pooling_type` must be one of {_POOLING}. Received: block_pooling_type={block_pooling_type!r}")
     if sparsity_m_by_n is not None:
         ok = (
             isinstance(sparsity_m_by_n, (tuple, list))
@@ -92,18 +93,8 @@ def _prunable_variables(layer):
 
 def _input_axis(layer):
     # Grouping axis for N:M sparsity: input channels in TFLite's layout.
-    if isinstance(layer, (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)):
-        return -1
-    return -2
-
-
-def _stateless_scope():
-    """The active `keras.StatelessScope`, or None."""
-    try:
-        from keras.src.backend.common.stateless_scope import get_stateless_scope
-    except ImportError:  # a Keras that moved it: no stateless scope to read
-        return None
-    return get_stateless_scope()
+    spec = registry.lookup(layer)
+    return spec.input_axis if spec is not None else -2
 
 
 class _MaskConstraint:
@@ -127,14 +118,14 @@ class _MaskConstraint:
         if self.inner is not None:
             w = self.inner(w)
         mask = self.mask
-        scope = _stateless_scope()
+        scope = _wrappers.current_scope()
         if scope is not None and self.traced is not None and scope.get_current_value(self.mask) is None:
             mask = self.traced
         return w * ops.cast(mask, w.dtype)
 
 
 @keras.saving.register_keras_serializable(package="tfopt")
-class PruneLowMagnitude(keras.layers.Wrapper):
+class PruneLowMagnitude(_wrappers.TfoptWrapper):
     """Wraps a layer so that its low-magnitude weights are pruned during `fit`.
 
     Usually created by `tfopt.prune_low_magnitude`. Training a model that holds
@@ -158,6 +149,10 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         **kwargs: base layer arguments (name, ...).
     """
 
+    technique = "pruning"
+    _config_keys = ("pruning_schedule", "block_size", "block_pooling_type", "sparsity_m_by_n", "weight_positions")
+    _nested = ("pruning_schedule",)
+
     def __init__(
         self,
         layer,
@@ -168,25 +163,14 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         weight_positions=None,
         **kwargs,
     ):
-        if not isinstance(layer, keras.layers.Layer):
-            raise TypeError(
-                "`layer` must be a keras layer to wrap for pruning, e.g. `PruneLowMagnitude(keras.layers.Dense(10))`. "
-                f"Received: layer={layer!r} of type {type(layer).__name__}"
-            )
-        if isinstance(layer, PruneLowMagnitude):
-            raise ValueError(
-                f"Layer {mu.describe(layer)} is already wrapped for pruning. Pass the inner layer "
-                f"(`wrapper.layer`) or use it as it is. Received: layer={layer.name!r}"
-            )
         _check_options(pruning_schedule, block_size, block_pooling_type, sparsity_m_by_n)
-        kwargs.setdefault("name", f"prune_low_magnitude_{layer.name}")
+        kwargs.setdefault("name", f"prune_low_magnitude_{getattr(layer, 'name', 'layer')}")
         super().__init__(layer, **kwargs)
         self.pruning_schedule = pruning_schedule or ConstantSparsity(0.5, begin_step=0, frequency=100)
         self.block_size = tuple(block_size)
         self.block_pooling_type = block_pooling_type
         self.sparsity_m_by_n = None if sparsity_m_by_n is None else tuple(sparsity_m_by_n)
         self.weight_positions = None if weight_positions is None else tuple(weight_positions)
-        self.supports_masking = getattr(layer, "supports_masking", False)
         # Set by UpdatePruningStep while `fit` runs; checked when tracing training calls.
         self._step_callback_attached = False
         self._pruned = []  # [(weight variable, mask variable, threshold variable)]
@@ -230,16 +214,6 @@ class PruneLowMagnitude(keras.layers.Wrapper):
                 f"blocks. Use block_size=(1, 1) or exclude it with `filters=`. Received: block_size={self.block_size}"
             )
 
-    def get_build_config(self):
-        if not self.built:
-            return None
-        return {"layer": self.layer.get_build_config(), "inputs": mu.input_specs(self)}
-
-    def build_from_config(self, config):
-        config = config or {}
-        mu.build_inner(self.layer, config.get("layer"), config.get("inputs"))
-        self.build()
-
     def call(self, inputs, *args, training=None, **kwargs):
         if training and not self._step_callback_attached:
             raise ValueError(
@@ -251,15 +225,19 @@ class PruneLowMagnitude(keras.layers.Wrapper):
             # Counted in the train step itself, so a checkpoint taken at any
             # batch holds the right step; UpdatePruningStep mirrors it in Python.
             self.pruning_step.assign_add(1)
-            scope = _stateless_scope()
+            scope = _wrappers.current_scope()
             for w, mask, _ in self._pruned:
                 if isinstance(w.constraint, _MaskConstraint):
                     # None outside a stateless (JAX) train step.
                     w.constraint.traced = None if scope is None else scope.get_current_value(mask)
         return self.layer(inputs, *args, **kwargs)
 
-    def compute_mask(self, inputs, previous_mask=None):
-        return self.layer.compute_mask(inputs, previous_mask)
+    def stripped_layer(self):
+        """A plain copy of the inner layer with the pruned zeros baked into its weights."""
+        masks = {id(w): mask for w, mask, _ in self._pruned}
+        return mu.copy_layer(
+            self.layer, weights=[ops.convert_to_numpy(v * masks[id(v)] if id(v) in masks else v) for v in self.layer.weights]
+        )
 
     # -- masks ------------------------------------------------------------------
 
@@ -325,27 +303,6 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         flat, thr = _keep_top(scores, sparsity)
         return flat.reshape(w.shape), thr
 
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "pruning_schedule": keras.saving.serialize_keras_object(self.pruning_schedule),
-                "block_size": self.block_size,
-                "block_pooling_type": self.block_pooling_type,
-                "sparsity_m_by_n": self.sparsity_m_by_n,
-                "weight_positions": self.weight_positions,
-            }
-        )
-        return config
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        config["pruning_schedule"] = keras.saving.deserialize_keras_object(
-            config["pruning_schedule"], custom_objects=custom_objects
-        )
-        layer = mu.deserialize_layer(config.pop("layer"), custom_objects)
-        return cls(layer, **config)
 
 
 def _num_kept(size, sparsity, currently_kept):
@@ -401,9 +358,9 @@ def _m_by_n_mask(w, mask, m_by_n, axis):
 # -- model transforms ------------------------------------------------------------
 
 
-def _pruned_wrappers(model):
-    # _flatten_layers also finds wrappers held as attributes of subclassed models.
-    return [l for l in model._flatten_layers(include_self=True, recursive=True) if isinstance(l, PruneLowMagnitude)]
+def pruned_wrappers(model):
+    """The `PruneLowMagnitude` layers anywhere in `model` (attributes of subclassed models included)."""
+    return _wrappers.find(model, PruneLowMagnitude)
 
 
 def prune_low_magnitude(
@@ -477,14 +434,14 @@ def prune_low_magnitude(
             wrappers.append(new)
         return new
 
-    pruned = mu.clone(to_prune, clone_function)
+    pruned = _graph.map_layers(to_prune, clone_function)
     for w in wrappers:
         w.init_masks_from_weights()
     return pruned
 
 
 def _check_not_pruned(model):
-    if _pruned_wrappers(model):
+    if pruned_wrappers(model):
         raise ValueError(
             f"Model {model.name!r} is already wrapped for pruning. Keep training it, or call "
             f"`tfopt.strip_pruning(model)` first to prune the stripped model again. Received: to_prune={model.name!r}"
@@ -566,21 +523,10 @@ def strip_pruning(model):
             f"subclassed model), not the subclassed model itself. Received: model={model.name!r} of type {type(model).__name__}"
         )
     mu.check_model(model, "model", "strip_pruning")
-
-    def clone_function(layer):
-        if not isinstance(layer, PruneLowMagnitude):
-            return mu.copy_layer(layer)
-        masks = {id(w): mask for w, mask, _ in layer.pruned_weights}
-        values = [
-            ops.convert_to_numpy(v) * ops.convert_to_numpy(masks[id(v)]) if id(v) in masks else ops.convert_to_numpy(v)
-            for v in layer.layer.weights
-        ]
-        return mu.copy_layer(layer.layer, weights=values)
-
-    return mu.clone(model, clone_function)
+    return _wrappers.strip(model, PruneLowMagnitude)
 
 
-class SparsityReport:
+class SparsityReport(_report.Report):
     """Per-layer sparsity of the prunable weights of a model.
 
     Attributes:
@@ -589,27 +535,21 @@ class SparsityReport:
         sparsity: zeros / weights over all rows.
     """
 
+    header = ("layer", "type", "weights", "zeros", "sparsity")
+    right = (2, 3, 4)
+    totals = ("weights", "zeros", "sparsity")
+
     def __init__(self, rows):
-        self.rows = rows
+        super().__init__(rows)
         self.weights = sum(r["weights"] for r in rows)
         self.zeros = sum(r["zeros"] for r in rows)
         self.sparsity = self.zeros / self.weights if self.weights else 0.0
 
-    def to_dict(self):
-        return {"layers": [dict(r) for r in self.rows], "weights": self.weights, "zeros": self.zeros, "sparsity": self.sparsity}
+    def _cells(self, r):
+        return r["name"], r["type"], f"{r['weights']:,}", f"{r['zeros']:,}", f"{r['sparsity']:.1%}"
 
-    def __str__(self):
-        header = ("layer", "type", "weights", "zeros", "sparsity")
-        lines = [(r["name"], r["type"], f"{r['weights']:,}", f"{r['zeros']:,}", f"{r['sparsity']:.1%}") for r in self.rows]
-        lines.append(("total", "", f"{self.weights:,}", f"{self.zeros:,}", f"{self.sparsity:.1%}"))
-        widths = [max(len(str(x[i])) for x in [header] + lines) for i in range(5)]
-        fmt = lambda cells: "  ".join(  # noqa: E731
-            str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
-        )
-        rule = "-" * (sum(widths) + 8)
-        return "\n".join([fmt(header), rule] + [fmt(l) for l in lines[:-1]] + [rule, fmt(lines[-1])])
-
-    __repr__ = __str__
+    def _footer(self):
+        return [self._cells({"name": "total", "type": "", **{k: getattr(self, k) for k in self.totals}})]
 
 
 def sparsity_report(model):

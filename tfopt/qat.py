@@ -1,54 +1,41 @@
 """Quantization-aware training: `quantize_model`, `quantize_annotate_*`, `quantize_apply`.
 
-`quantize_model(model)` returns a new model whose forward pass computes what
-the int8 TFLite kernels will compute, so that
-``tfopt.tflite_export.convert(qat_model)`` gives a fully-int8 graph (int8 I/O,
-int8 tensors, int32 biases, no QUANTIZE/DEQUANTIZE inside) that agrees with
-the Keras model to within one output quantization step.
+`quantize_model(model)` returns a new model whose forward pass computes what the int8 TFLite kernels will compute,
+so that ``tfopt.tflite_export.convert(qat_model)`` gives a fully-int8 graph (int8 I/O, int8 tensors, int32 biases,
+no QUANTIZE/DEQUANTIZE inside) that agrees with the Keras model to within one output quantization step.
 
-How the model is rebuilt. The Functional graph is walked node by node (nested
-Sequential/Functional models are inlined, so the result is one flat
-Functional model) and each node is planned as one of:
+How the model is rebuilt. The Functional graph is walked node by node (nested Sequential/Functional models are
+inlined, so the result is one flat Functional model) and each node is planned as one of:
 
-- a *kernel* layer (Conv1D/2D/3D, DepthwiseConv, SeparableConv,
-  ConvTranspose, Dense): `QuantizeWrapper`, per-channel symmetric int8 weights
-  (per tensor for Dense: the converter refuses per-channel fake quant on a
-  FULLY_CONNECTED kernel with "'tfl.transpose' op has mismatched quantized
-  axes of input and output"); a BatchNormalization that is its only consumer
-  is folded into it (the BN node disappears from the graph);
-- a *compute* node (Add, Multiply, Subtract, Concatenate, GlobalAveragePooling,
-  Activation, ReLU, Softmax, Rescaling, op nodes such as ``x + 3.0``, any
-  other weightless layer): runs unchanged, output fake-quantized;
-- a *same-scale* node (Reshape, Flatten, Dropout, Max/AveragePooling,
-  ZeroPadding, UpSampling, Cropping, Permute, ...): copied, no fake quant,
-  because TFLite requires its output scale to equal its input scale.
+- a *kernel* layer (its `tfopt.registry` row has ``qat_role="kernel"``: Conv, DepthwiseConv, SeparableConv,
+  ConvTranspose, Dense, EinsumDense, layers registered with ``quantizable=``): `QuantizeWrapper`, symmetric int8
+  weights, per channel along the row's `quant_axis` (the row says why some are per tensor); a BatchNormalization
+  that is its only consumer is folded into it (the BN node disappears from the graph) when the wrapper recomputes
+  the layer (a row with a `qat_forward`);
+- a *compute* node (Add, Multiply, Subtract, Concatenate, GlobalAveragePooling, Activation, ReLU, Softmax,
+  Rescaling, op nodes such as ``x + 3.0``, any other weightless layer or op without a row): runs unchanged, output
+  fake-quantized;
+- a *same-scale* node (``qat_role="same_scale"``: Reshape, Flatten, Dropout, Max/AveragePooling, ZeroPadding,
+  UpSampling, Cropping, Permute, ...): copied, no fake quant, because TFLite requires its output scale to equal its
+  input scale.
 
-Fusion matches the converter: a producer (kernel layer, Add, Subtract) whose
-only consumer is a ReLU/ReLU6 (layer or Activation) gets no output quantizer:
-TFLite fuses the activation into the op, so the only int8 tensor is after the
-ReLU. A producer whose only consumer is a Concatenate gets none either: the
-concat output's range is the one range all its inputs share (TFLite's
-CONCATENATION wants equal scales; separate ranges would add a requantize op).
+Fusion matches the converter: a producer (a kernel layer with a linear activation, or a ``qat_role="fuses_relu"``
+node: Add, Subtract) whose only consumer is a ReLU/ReLU6 (layer or Activation) gets no output quantizer: TFLite
+fuses the activation into the op, so the only int8 tensor is after the ReLU. A producer whose only consumer is a
+``qat_role="concat"`` node (Concatenate) gets none either: the concat output's range is the one range all its
+inputs share (TFLite's CONCATENATION wants equal scales; separate ranges would add a requantize op).
 Every model input gets a `QuantizeLayer`, which becomes the int8 input scale.
 
-Pruned models: a `PruneLowMagnitude`-wrapped model is stripped first; every
-quantized weight that has exact zeros gets a mask (``w != 0``, captured here,
-saved with the model) applied before fake quant, so the zeros survive QAT and
-appear as zeros in the int8 weights.
+Pruned models: a `PruneLowMagnitude`-wrapped model is stripped first; every quantized weight that has exact zeros
+gets a mask (``w != 0``, taken when its wrapper is built, saved with the model) applied before fake quant, so the
+zeros survive QAT and appear as zeros in the int8 weights.
 
-Clustered models (cluster-preserving QAT, `preserve_clusters`): a model
-with `tfopt.ClusterWeights` layers is stripped first, and every quantized
-kernel that was clustered keeps its centroids, centroid mask and indices: in
-the QAT model it is again a lookup of trainable centroids by fixed indices
-(only the centroids train), and its per-channel int8 ranges share one scale
-up to the BN fold factor (see `tfopt.qat_layers`), so the exported int8
-kernel holds at most `number_of_clusters` values. A stripped clustered model
-has lost the wrapper: pass ``preserve_clusters=k`` and every quantized kernel
-with at most ``k`` distinct values is treated as clustered (its distinct
-values are the centroids; with `preserve_sparsity` a zero cluster stays
-pinned at zero). A clustered layer that is not quantized (left float by
-`filters`, or not a kernel layer) becomes its stripped copy and trains
-freely.
+Clustered models (cluster-preserving QAT, `preserve_clusters`): a model with `tfopt.ClusterWeights` layers is
+stripped first, and every quantized kernel that was clustered is clustered again in the QAT model (its at most
+`number_of_clusters` distinct values are the centroids, trained by fixed indices; see `tfopt.qat_layers` for the
+int8 ranges that keep them). A stripped clustered model has lost the wrapper: pass ``preserve_clusters=k`` and
+every quantized kernel with at most ``k`` distinct values is treated as clustered. A clustered layer that is not
+quantized (left float by `filters`, or not a kernel layer) becomes its stripped copy and trains freely.
 
 Validation happens before anything is built: the user's model is only read.
 """
@@ -58,10 +45,13 @@ import dataclasses
 import keras
 import numpy as np
 
-from tfopt import _graph
+from tfopt import _checks, _graph, _wrappers, registry
 from tfopt import _model_utils as mu
-from tfopt import registry
-from tfopt.qat_layers import QuantizeAnnotate, QuantizeConfig, QuantizeLayer, QuantizeWrapper, _initial_clusters, relu_kind
+from tfopt.clustering import ClusterWeights
+from tfopt.pruning import PruneLowMagnitude, strip_pruning
+from tfopt.qat_layers import (
+    QuantizeAnnotate, QuantizeConfig, QuantizeLayer, QuantizeWrapper, _check_options, fused_activation, relu_kind,
+)
 
 __all__ = [
     "quantize_model",
@@ -71,22 +61,7 @@ __all__ = [
     "is_quantized_model",
 ]
 
-L = keras.layers
 _SCHEMES = ("8bit",)
-_SAME_SCALE_LAYERS = (
-    L.Reshape, L.Flatten, L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D, L.SpatialDropout3D,
-    L.GaussianNoise, L.GaussianDropout, L.AlphaDropout, L.ActivityRegularization, L.Identity,
-    L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D, L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D,
-    L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling3D,
-    L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D, L.UpSampling1D, L.UpSampling2D, L.UpSampling3D,
-    L.Cropping1D, L.Cropping2D, L.Cropping3D, L.Permute,
-)
-_SAME_SCALE_OPS = {"Reshape", "Transpose", "Squeeze", "ExpandDims", "GetItem", "Flatten", "Identity", "Cast"}
-_CONCAT_OPS = {"Concatenate"}
-_FUSING_OPS = {"Add", "Subtract"}
-_KERNEL_TYPES = (L.Conv1D, L.Conv2D, L.Conv3D, L.DepthwiseConv1D, L.DepthwiseConv2D, L.SeparableConv1D,
-                 L.SeparableConv2D, L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose, L.Dense)
-_OWN_LAYERS = (QuantizeWrapper, QuantizeLayer)
 
 
 # ----- public helpers ------------------------------------------------------------
@@ -98,9 +73,8 @@ def is_quantized_model(model):
     `tfopt.tflite_export.convert` uses it to convert without representative
     data (the fake-quant ranges give every scale).
     """
-    if not isinstance(model, keras.Model):
-        return False
-    return any(isinstance(layer, _OWN_LAYERS) for layer in _graph.sublayers(model))
+    kinds = (QuantizeWrapper, QuantizeLayer)
+    return isinstance(model, keras.Model) and bool(_wrappers.find(model, kinds, include_self=False))
 
 
 def quantize_annotate_layer(layer, quantize_config=None):
@@ -129,9 +103,13 @@ def quantize_annotate_layer(layer, quantize_config=None):
             "`quantize_annotate_layer` takes a single keras layer (use `tfopt.quantize_annotate_model` "
             f"for a model). Received: layer={layer!r} of type {type(layer).__name__}"
         )
-    if isinstance(layer, (QuantizeAnnotate, *_OWN_LAYERS)):
+    if isinstance(layer, (QuantizeAnnotate, QuantizeWrapper, QuantizeLayer)):
         raise ValueError(f"Layer {mu.describe(layer)} is already annotated or quantized. Received: layer={layer!r}")
-    _check_config(quantize_config, layer)
+    if quantize_config is not None and not isinstance(quantize_config, QuantizeConfig):
+        raise TypeError(
+            "`quantize_config` must be a tfopt.QuantizeConfig instance (subclass it to say how a custom layer "
+            f"is quantized). Received: quantize_config={quantize_config!r} for layer {mu.describe(layer)}"
+        )
     return QuantizeAnnotate(layer, quantize_config=quantize_config, name=f"annotate_{layer.name}")
 
 
@@ -145,7 +123,7 @@ def quantize_annotate_model(model):
         TypeError / ValueError: as `tfopt.quantize_model`.
     """
     mu.check_model(model, "model", "quantize_annotate_model")
-    _check_not_quantized(model, "quantize_annotate_model")
+    _refuse_quantized(model, "quantize_annotate_model")
 
     def clone_function(layer):
         if isinstance(layer, QuantizeAnnotate):
@@ -175,7 +153,7 @@ def quantize_apply(model, scheme="8bit", ema_decay=0.99, freeze_bn_delay=None, p
         ValueError: no layer is annotated, or as `tfopt.quantize_model`.
     """
     mu.check_model(model, "model", "quantize_apply")
-    if not any(isinstance(layer, QuantizeAnnotate) for layer in _graph.sublayers(model)):
+    if not _wrappers.find(model, QuantizeAnnotate, include_self=False):
         raise ValueError(
             "`quantize_apply` found no annotated layer: wrap the layers to quantize with "
             "`tfopt.quantize_annotate_layer(layer)` (or the whole model with `tfopt.quantize_annotate_model`), "
@@ -247,48 +225,33 @@ def quantize_model(
 # ----- validation -------------------------------------------------------------------
 
 
-def _check_not_quantized(model, fn_name):
-    quantized = [layer for layer in _graph.sublayers(model) if isinstance(layer, _OWN_LAYERS)]
-    if quantized:
-        raise ValueError(
-            f"`{fn_name}` got a model that is already quantized (it has {mu.describe(quantized[0])}). "
-            "Quantize the float model once; to change the scheme, start again from the float model. "
-            f"Received: model={model.name!r}"
-        )
-
-
-def _check_config(quantize_config, layer):
-    if quantize_config is None:
-        return
-    if not isinstance(quantize_config, QuantizeConfig):
-        raise TypeError(
-            "`quantize_config` must be a tfopt.QuantizeConfig instance (subclass it to say how a custom layer "
-            f"is quantized). Received: quantize_config={quantize_config!r} for layer {mu.describe(layer)}"
-        )
+def _refuse_quantized(model, fn_name):
+    _wrappers.refuse(
+        model, (QuantizeWrapper, QuantizeLayer),
+        f"`{fn_name}` got a model that is already quantized (it has {{layers}}). Quantize the float model once; to "
+        "change the scheme, start again from the float model. Received: model={model}",
+    )
 
 
 def _check_config_weights(layer, quantize_config):
-    """Error message if `quantize_config` names weights `layer` does not have, else None."""
+    """Error message if `quantize_config` names a weight `layer` does not have, or one twice, else None."""
     pairs = list(quantize_config.get_weights_and_quantizers(layer))
-    own = {id(v) for v in layer.weights}
-    bad = []
+    own, seen = {id(v) for v in layer.weights}, set()
     for pair in pairs:
-        ok = isinstance(pair, (tuple, list)) and len(pair) == 2
-        var = pair[0] if ok else pair
-        if ok and isinstance(var, str):
+        var = pair[0] if isinstance(pair, (tuple, list)) and len(pair) == 2 else None
+        if isinstance(var, str):
             try:
                 var = registry.weight_at(layer, var)
             except AttributeError:
-                ok = False
-        if not ok or id(var) not in own:
-            bad.append(pair)
-    ids = [id(p[0]) for p in pairs if isinstance(p, (tuple, list))]
-    if bad or len(set(ids)) != len(ids) or len(pairs) > len(layer.weights):
-        return (
-            f"{mu.describe(layer)}: its {type(quantize_config).__name__}.get_weights_and_quantizers returned "
-            f"{len(pairs)} entries but the layer has {len(layer.weights)} weights "
-            f"({[w.name for w in layer.weights]}); each entry must be a distinct (weight of this layer, Quantizer) pair"
-        )
+                var = None
+        if id(var) not in own or id(var) in seen:
+            return (
+                f"{mu.describe(layer)}: its {type(quantize_config).__name__}.get_weights_and_quantizers returned "
+                f"{len(pairs)} entries but the layer has {len(layer.weights)} weights "
+                f"({[w.name for w in layer.weights]}); each entry must be a distinct (weight of this layer, "
+                "Quantizer) pair"
+            )
+        seen.add(id(var))
     return None
 
 
@@ -332,17 +295,15 @@ def _plan(model, filters, annotated_only):
             if msg:
                 errors.append(msg)
             rec.kind = "compute"
-        elif isinstance(op, L.BatchNormalization):
+        elif isinstance(op, keras.layers.BatchNormalization):
             rec.kind = "bn"
-        elif isinstance(op, _KERNEL_TYPES) or (registry.lookup(op) and registry.lookup(op).quantizable):
+        elif _role(op) == "kernel":
             rec.kind = "kernel"
         elif op.weights:
             unsupported.append(op)
-        elif isinstance(op, _SAME_SCALE_LAYERS):
-            rec.kind = "same"
         else:
-            rec.kind = "compute"
-    if pick is not None and not annotated_only and not any(getattr(rec, "selected", False) for rec in records):
+            rec.kind = "same" if _role(op) == "same_scale" else "compute"
+    if pick is not None and not annotated_only and not any(rec.selected for rec in records):
         raise ValueError(
             f"`filters` selected no layer of model {model.name!r} to quantize. Check the names (model.summary()) "
             f"or the predicate. Received: filters={filters!r}"
@@ -361,9 +322,9 @@ def _plan(model, filters, annotated_only):
             src is not None
             and src.kind == "kernel"
             and src.bn is None
-            and isinstance(src_layer, _KERNEL_TYPES)
+            and registry.lookup(src_layer).qat_forward is not None
             and getattr(src_layer, "data_format", "channels_last") == "channels_last"
-            and qat_activation(src_layer) == "linear"
+            and fused_activation(src_layer) == "linear"
             and axis is not None
             and axis % rank == rank - 1
             and only_consumer(src, rec)
@@ -380,16 +341,10 @@ def _plan(model, filters, annotated_only):
     for rec in records:
         if rec.kind is not None:
             continue
-        name = type(rec.op).__name__
         srcs = [producer(c) for c in rec.ins]
         inside = all(s is None and not annotated_only or (s is not None and s.selected) for s in srcs)
         rec.selected = inside and (pick is None or annotated_only)
-        if not rec.selected:
-            rec.kind = "float"
-        elif name in _SAME_SCALE_OPS:
-            rec.kind = "same"
-        else:
-            rec.kind = "compute"
+        rec.kind = "float" if not rec.selected else "same" if _role(rec.op) == "same_scale" else "compute"
 
     # Fusion with a following ReLU, and shared ranges into Concatenate.
     for rec in records:
@@ -397,15 +352,11 @@ def _plan(model, filters, annotated_only):
         if not rec.selected:
             continue
         if relu_kind(op) and len(rec.ins) == 1:
-            src = producer(rec.ins[0])
-            if src is not None and src.kind == "folded":
-                src = producer(src.ins[0])
-                fused_ok = src is not None and only_consumer(producer(rec.ins[0]), rec)
-            else:
-                fused_ok = src is not None and only_consumer(src, rec)
-            if fused_ok and src.selected and _fuses_relu(src):
+            direct = producer(rec.ins[0])  # a folded BN passes its producer's tensor through
+            src = producer(direct.ins[0]) if direct is not None and direct.kind == "folded" else direct
+            if src is not None and only_consumer(direct, rec) and src.selected and _fuses_relu(src):
                 src.quantize_output = False
-        if isinstance(op, L.Concatenate) or type(op).__name__ in _CONCAT_OPS:
+        if _role(op) == "concat":
             for c in rec.ins:
                 src = producer(c)
                 if src is not None and src.selected and src.kind in ("kernel", "compute") and only_consumer(src, rec):
@@ -413,17 +364,15 @@ def _plan(model, filters, annotated_only):
     return graph
 
 
-def qat_activation(layer):
-    from tfopt.qat_layers import activation_name
-
-    return activation_name(getattr(layer, "activation", None))
+def _role(op):
+    """How QAT treats a layer or op (its registry row's `qat_role`; "compute" without a row)."""
+    spec = registry.lookup(op)
+    return spec.qat_role if spec is not None else "compute"
 
 
 def _fuses_relu(rec):
     op = _unwrap(rec.op)[0]
-    if rec.kind == "kernel":
-        return qat_activation(op) == "linear"
-    return isinstance(op, (L.Add, L.Subtract)) or type(op).__name__ in _FUSING_OPS
+    return fused_activation(op) == "linear" if rec.kind == "kernel" else _role(op) == "fuses_relu"
 
 
 def _unsupported_message(layers, errors, model):
@@ -445,41 +394,31 @@ def _unsupported_message(layers, errors, model):
 
 
 def _quantize(model, fn_name, scheme, filters, annotated_only, ema_decay, freeze_bn_delay, preserve_sparsity,
-              preserve_clusters=None):
-    if scheme not in _SCHEMES:
-        raise ValueError(f"`scheme` must be one of {_SCHEMES}. Received: scheme={scheme!r}")
-    if not (isinstance(ema_decay, (int, float)) and 0.0 <= ema_decay < 1.0):
-        raise ValueError(f"`ema_decay` must be a float in [0, 1). Received: ema_decay={ema_decay!r}")
-    if freeze_bn_delay is not None and (not isinstance(freeze_bn_delay, int) or freeze_bn_delay < 0):
-        raise ValueError(
-            f"`freeze_bn_delay` must be None or a non-negative int (training steps). Received: freeze_bn_delay={freeze_bn_delay!r}"
+              preserve_clusters):
+    _checks.check_choice(scheme, "scheme", _SCHEMES)
+    ema_decay, freeze_bn_delay = _check_options(ema_decay, freeze_bn_delay)
+    if preserve_sparsity is not None:
+        _checks.check_bool(
+            preserve_sparsity, "preserve_sparsity", "None (default) keeps the zeros of every weight that has some."
         )
-    if preserve_sparsity not in (None, True, False):
-        raise TypeError(f"`preserve_sparsity` must be None, True or False. Received: preserve_sparsity={preserve_sparsity!r}")
     preserve_clusters = _check_preserve_clusters(preserve_clusters)
-    _check_not_quantized(model, fn_name)
+    _refuse_quantized(model, fn_name)
 
-    from tfopt.clustering import ClusterWeights
-    from tfopt.pruning import PruneLowMagnitude, strip_pruning
-
-    has_clusters = any(isinstance(layer, ClusterWeights) for layer in _graph.sublayers(model))
+    has_clusters = bool(_wrappers.find(model, ClusterWeights, include_self=False))
     if preserve_clusters is True and not has_clusters:
         raise ValueError(
             f"`preserve_clusters=True` needs a model with tfopt.ClusterWeights layers, and model {model.name!r} has "
             "none. For a stripped clustered model pass the number of clusters, e.g. `preserve_clusters=16` (every "
             "quantized kernel with at most that many distinct values keeps them). Received: preserve_clusters=True"
         )
-    if any(isinstance(layer, PruneLowMagnitude) for layer in _graph.sublayers(model)):
+    if _wrappers.find(model, PruneLowMagnitude, include_self=False):
         model = strip_pruning(model)
-    cluster_plan = {}  # id(stripped layer) -> {weight path: (centroids, centroid_mask, indices)}
+    clustered = {}  # id(stripped layer) -> (its clustered weight paths, number of clusters)
     if has_clusters:
-        model, cluster_plan = _strip_clusters(model)
-        if preserve_clusters is False:
-            cluster_plan = {}
+        model, clustered = _strip_clusters(model)
 
     graph = _plan(model, filters, annotated_only)
-    if preserve_clusters is not False and (cluster_plan or preserve_clusters is not None):
-        cluster_plan = _cluster_plan(graph.nodes, cluster_plan, preserve_clusters, preserve_sparsity, model)
+    cluster_plan = {} if preserve_clusters is False else _cluster_plan(graph.nodes, clustered, preserve_clusters, model)
 
     unique = mu.name_allocator()
     quantized = set()  # canonical ids whose new tensor is fake-quantized (or will be, by fusion)
@@ -497,30 +436,21 @@ def _quantize(model, fn_name, scheme, filters, annotated_only, ema_decay, freeze
         if rec.kind not in ("kernel", "compute") or not isinstance(op, keras.layers.Layer):
             return _graph.copy_op(op, unique), None
         sparse = _has_zeros(op, rec) if preserve_sparsity is None else preserve_sparsity
-        clusters = cluster_plan.get(id(op), {}) if rec.kind == "kernel" and rec.config is None else {}
-        cluster_kwargs = {} if not clusters else dict(
-            clustered_weights=tuple(clusters), number_of_clusters=max(len(c) for c, _, _ in clusters.values())
-        )
-        wrapper = QuantizeWrapper(
+        paths, k = cluster_plan.get(id(op), ((), None))
+        wrapper = QuantizeWrapper(  # masks and clusters are taken from the copied weights when it is built
             mu.copy_layer(op),
-            quantize_config=_copy_config(rec.config),
+            quantize_config=None if rec.config is None else type(rec.config).from_config(rec.config.get_config()),
             batch_norm=mu.copy_layer(rec.bn) if rec.bn is not None else None,
             quantize_output=rec.quantize_output,
-            preserve_sparsity=bool(sparse) and rec.kind == "kernel" or (bool(sparse) and rec.config is not None),
+            preserve_sparsity=bool(sparse) and (rec.kind == "kernel" or rec.config is not None),
             ema_decay=ema_decay,
             freeze_bn_delay=freeze_bn_delay,
             num_outputs=len(rec.outs),
+            clustered_weights=paths,
+            number_of_clusters=k,
             name=unique(f"quant_{op.name}"),
-            **cluster_kwargs,
         )
-
-        def init(built):  # masks and clusters go into variables the first call creates
-            if built.preserve_sparsity:
-                built.set_masks_from_weights()
-            for path, (c, m, idx) in clusters.items():
-                built.set_clusters(path, c, m, idx)
-
-        return wrapper, init
+        return wrapper, None
 
     call = _graph.copier(make)
 
@@ -557,53 +487,41 @@ def _check_preserve_clusters(preserve_clusters):
 
 
 def _strip_clusters(model):
-    """`strip_clustering(model)`, also returning each stripped kernel layer's clusters.
-
-    Returns ``(stripped model, {id(stripped layer): {weight path: (centroids,
-    centroid_mask, indices)}})`` for the layers tfopt's registry knows (the
-    clustered weights are their prunable weights, in registry order).
-    """
-    from tfopt.clustering import ClusterWeights, _copy
-
+    """``(strip_clustering(model), {id(stripped kernel layer): (its clustered weight paths, number_of_clusters)})``."""
     plan = {}
 
     def clone_function(layer):
         if not isinstance(layer, ClusterWeights):
-            return _copy(layer)
-        new = layer.stripped_layer()
-        spec = registry.lookup(layer.layer)
-        if spec is not None:
-            plan[id(new)] = {
-                path: tuple(np.asarray(keras.ops.convert_to_numpy(v)) for v in (c, m, idx))
-                for path, (_, c, m, idx) in zip(spec.prunable, layer.clustered_variables)
-            }
+            return mu.copy_layer(layer)
+        new, row = layer.stripped_layer(), registry.lookup(layer.layer)
+        if row is not None and row.qat_role == "kernel":
+            chosen = {id(w.variable) for w in registry.selected(layer.layer, layer.weight_positions)}
+            paths = tuple(p for p in row.quantizable if id(registry.weight_at(layer.layer, p)) in chosen)
+            plan[id(new)] = (paths, layer.number_of_clusters)
         return new
 
-    return mu.clone(model, clone_function), plan
+    return _graph.map_layers(model, clone_function), plan
 
 
-def _cluster_plan(records, from_wrappers, k, preserve_sparsity, model):
-    """{id(layer): {path: clusters}} of the quantized kernels to train as clusters; validates."""
+def _cluster_plan(records, clustered, k, model):
+    """{id(layer): (weight paths, number_of_clusters)} of the kernels to train as clusters; validates.
+
+    `clustered` holds what `_strip_clusters` found; an int `k` adds every other kernel with at most `k` distinct values.
+    """
     plan = {}
+    by_count = k is not None and not isinstance(k, bool)
     for rec in records:
         if rec.kind != "kernel" or rec.config is not None:
             continue
         op = _unwrap(rec.op)[0]
-        paths = list(registry.lookup(op).quantizable)
-        known = from_wrappers.get(id(op), {})
-        chosen = {p: known[p] for p in paths if p in known}
-        if not isinstance(k, bool) and k is not None:
-            for path in paths:
-                if path in chosen:
-                    continue
-                values = np.asarray(keras.ops.convert_to_numpy(registry.weight_at(op, path)))
-                if np.unique(values).size > k:
-                    continue
-                pin = preserve_sparsity is not False and bool(np.any(values == 0))
-                chosen[path] = _initial_clusters(values, k, pin)  # its own values: no k-means
-        if chosen:
-            plan[id(op)] = chosen
-    if not isinstance(k, bool) and k is not None and not plan:
+        known, n = clustered.get(id(op), ((), 0))
+        paths = [
+            p for p in registry.lookup(op).quantizable
+            if p in known or by_count and np.unique(keras.ops.convert_to_numpy(registry.weight_at(op, p))).size <= k
+        ]
+        if paths:
+            plan[id(op)] = (tuple(paths), max(n, k) if by_count and set(paths) - set(known) else n)
+    if by_count and not plan:
         raise ValueError(
             f"`preserve_clusters={k}` found no quantized kernel of model {model.name!r} with at most {k} distinct "
             "values: nothing is clustered. Cluster the float model (`tfopt.cluster_weights`), fine-tune it, and "
@@ -613,17 +531,12 @@ def _cluster_plan(records, from_wrappers, k, preserve_sparsity, model):
     return plan
 
 
-def _copy_config(config):
-    return None if config is None else type(config).from_config(config.get_config())
-
-
 def _has_zeros(layer, rec):
     if rec.config is not None:
-        pairs = rec.config.get_weights_and_quantizers(layer)
-        ws = [registry.weight_at(layer, p[0]) if isinstance(p[0], str) else p[0] for p in pairs]
+        refs = [pair[0] for pair in rec.config.get_weights_and_quantizers(layer)]
     else:
-        spec = registry.lookup(layer)
-        ws = [registry.weight_at(layer, p) for p in spec.quantizable] if spec else []
+        refs = getattr(registry.lookup(layer), "quantizable", ())  # no row: nothing to quantize
+    ws = [registry.weight_at(layer, ref) if isinstance(ref, str) else ref for ref in refs]
     return any(np.any(keras.ops.convert_to_numpy(w) == 0) for w in ws)
 
 

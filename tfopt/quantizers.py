@@ -1,25 +1,9 @@
 """Fake-quant quantizers for quantization-aware training, on `keras.quantizers`.
 
 Each quantizer is a pure function plus a thin serializable class, the way the
-converter and the int8 kernels see numbers:
-
-- `fake_quant(x, min_value, max_value, num_bits, narrow_range, axis)` is
-  `keras.quantizers.fake_quant_with_min_max_vars`. On the TensorFlow backend it
-  emits ``FakeQuantWithMinMaxVars[PerChannel]``, the ops the TFLite converter
-  reads the int8 scales from. With ``q = 2**num_bits - 1`` levels
-  (``q - 1`` when `narrow_range`), ``scale = (max - min) / q`` and the range is
-  first nudged so that 0.0 is exactly representable:
-  ``y = round((clip(x, min', max') - min') / scale) * scale + min'``.
-  The gradient is straight-through inside ``[min', max']`` and zero outside.
-- `symmetric_range(w, axis)`: ``max = max|w|`` (per channel along `axis`, or
-  over the whole tensor), ``min = -max``. With `narrow_range` this gives the
-  int8 weight grid of TFLite: zero-point 0, levels ``-127..127``,
-  ``scale = max|w| / 127``.
-- `moving_average_range(x, min_var, max_var, initialized_var, ema_decay)`:
-  the first training batch sets ``[min, max]`` to the batch's observed range;
-  after that ``min <- decay * min + (1 - decay) * min(x)`` (same for max).
-  TFMOT starts every range at ``[-6, 6]`` with a fixed decay of 0.999, so its
-  ranges are still far off after 1,000 steps; here they are right from step 1.
+converter and the int8 kernels see numbers: `fake_quant` (the op the TFLite
+converter reads the int8 scales from), `symmetric_range` (weights) and
+`moving_average_range` (activations); the formulas are in their docstrings.
 
 The classes (`LastValueQuantizer`, `MovingAverageQuantizer`,
 `FixedRangeQuantizer`) follow TFMOT's `Quantizer` interface: ``build(shape,
@@ -68,7 +52,9 @@ def _check_num_bits(num_bits):
 def fake_quant(x, min_value, max_value, num_bits=8, narrow_range=False, axis=None):
     """Fake-quantizes `x` to `num_bits` on ``[min_value, max_value]``.
 
-    ``scale = (max - min) / (2**num_bits - 1 - narrow_range)``; the range is
+    `keras.quantizers.fake_quant_with_min_max_vars`: on the TensorFlow backend
+    it emits ``FakeQuantWithMinMaxVars[PerChannel]``, the ops the TFLite
+    converter reads the int8 scales from. ``scale = (max - min) / (2**num_bits - 1 - narrow_range)``; the range is
     nudged so that 0.0 falls on the grid, then
     ``y = round((clip(x, min, max) - min) / scale) * scale + min``.
     Gradients: ``dy/dx = 1`` inside the nudged range (bounds included), 0
@@ -97,13 +83,13 @@ def fake_quant(x, min_value, max_value, num_bits=8, narrow_range=False, axis=Non
 
 
 def _nudged_range(lo, hi, num_bits, narrow_range):
-    # The nudging of keras.quantizers.fake_quant_with_min_max_vars, step by step, so the masks
-    # below clip exactly where its forward pass clips.
+    # Keras' nudging, step by step, so the gradient masks clip exactly where its forward pass clips.
     quant_max = (1 << num_bits) - 1
     quant_min = 1 if narrow_range else 0
     scale = ops.divide(ops.subtract(hi, lo), quant_max - quant_min)
     zero_point = ops.round(ops.clip(quant_min - ops.divide(lo, scale), quant_min, quant_max))
-    return ops.multiply(ops.subtract(quant_min, zero_point), scale), ops.multiply(ops.subtract(quant_max, zero_point), scale)
+    nudged_min = ops.multiply(ops.subtract(quant_min, zero_point), scale)
+    return nudged_min, ops.multiply(ops.subtract(quant_max, zero_point), scale)
 
 
 def _fake_quant_tf_gradient(x, min_value, max_value, num_bits, narrow_range, axis):
@@ -151,14 +137,14 @@ def _fake_quant_tf_gradient(x, min_value, max_value, num_bits, narrow_range, axi
 
 
 def symmetric_range(w, axis=None):
-    """The symmetric range ``(-max|w|, max|w|)``, per channel along `axis` or per tensor."""
-    if axis is None:
-        m = ops.max(ops.abs(w))
-    else:
-        axis = axis % len(w.shape)
-        reduce = tuple(i for i in range(len(w.shape)) if i != axis)
-        m = ops.max(ops.abs(w), axis=reduce)
-    m = ops.maximum(m, _MIN_RANGE)
+    """The symmetric range ``(-max|w|, max|w|)``, per channel along `axis` or per tensor.
+
+    With `narrow_range` this gives the int8 weight grid of TFLite: zero-point
+    0, levels ``-127..127``, ``scale = max|w| / 127``.
+    """
+    rank = len(w.shape)
+    reduce = None if axis is None else tuple(i for i in range(rank) if i != axis % rank)
+    m = ops.maximum(ops.max(ops.abs(w), axis=reduce), _MIN_RANGE)
     return -m, m
 
 
@@ -169,7 +155,9 @@ def moving_average_range(x, min_var, max_var, initialized_var, ema_decay, non_ne
     calls blend: ``new = ema_decay * old + (1 - ema_decay) * batch``. The range
     always contains 0 (TFLite needs zero exactly representable) and is at
     least 0.01 wide (a dead activation must not get a scale that XNNPACK
-    refuses).
+    refuses). TFMOT starts every range at ``[-6, 6]`` with a fixed decay of
+    0.999, so its ranges are still far off after 1,000 steps; here they are
+    right from step 1.
 
     Args:
         x: the activation tensor of this batch.
@@ -198,8 +186,11 @@ class Quantizer:
     """Base class: how one tensor (a weight or an activation) is fake-quantized.
 
     Subclasses implement `build` (create the variables they need on the layer,
-    return them as a dict), `__call__` and `get_config`.
+    return them as a dict), `__call__` and `get_config` (by default the
+    attributes named in `_config_keys`, the constructor arguments).
     """
+
+    _config_keys = ()
 
     def build(self, tensor_shape, name, layer):
         """Creates the quantizer's variables on `layer`; returns them by name."""
@@ -209,7 +200,7 @@ class Quantizer:
         raise NotImplementedError
 
     def get_config(self):
-        return {}
+        return {key: getattr(self, key) for key in self._config_keys}
 
     @classmethod
     def from_config(cls, config):
@@ -238,6 +229,8 @@ class LastValueQuantizer(Quantizer):
         narrow_range: use ``2**num_bits - 2`` levels (TFLite weights do).
     """
 
+    _config_keys = ("num_bits", "per_axis", "axis", "narrow_range")
+
     def __init__(self, num_bits=8, per_axis=False, axis=-1, narrow_range=True):
         self.num_bits = _check_num_bits(num_bits)
         self.per_axis = bool(per_axis)
@@ -248,9 +241,6 @@ class LastValueQuantizer(Quantizer):
         axis = self.axis if self.per_axis else None
         lo, hi = symmetric_range(inputs, axis)
         return fake_quant(inputs, lo, hi, self.num_bits, self.narrow_range, axis)
-
-    def get_config(self):
-        return {"num_bits": self.num_bits, "per_axis": self.per_axis, "axis": self.axis, "narrow_range": self.narrow_range}
 
 
 @keras.saving.register_keras_serializable(package="tfopt")
@@ -274,6 +264,8 @@ class MovingAverageQuantizer(Quantizer):
             pass over the activation less per training step).
     """
 
+    _config_keys = ("num_bits", "ema_decay", "narrow_range", "non_negative")
+
     def __init__(self, num_bits=8, ema_decay=0.99, narrow_range=False, non_negative=False):
         if not 0.0 <= float(ema_decay) < 1.0:
             raise ValueError(f"`ema_decay` must be in [0, 1). Received: ema_decay={ema_decay!r}")
@@ -290,12 +282,10 @@ class MovingAverageQuantizer(Quantizer):
                 initializer=keras.initializers.Constant(value),
                 trainable=False,
                 dtype="float32",
-                # Ranges stay float32 under a mixed policy (mixed_float16): no
-                # autocast to the compute dtype, the fake quant runs in float32.
+                # Ranges stay float32 under a mixed policy (mixed_float16): no autocast to the compute dtype.
                 autocast=False,
-                # Under a tf.distribute strategy each replica sees its own part of
-                # the batch; "mean" all-reduces every update so all replicas (and
-                # workers) keep one identical range.
+                # Under a tf.distribute strategy each replica sees its own part of the batch; "mean" all-reduces
+                # every update so all replicas (and workers) keep one identical range.
                 aggregation="mean",
             )
 
@@ -313,14 +303,6 @@ class MovingAverageQuantizer(Quantizer):
             lo, hi = weights["min"], weights["max"]
         return ops.cast(fake_quant(x, lo, hi, self.num_bits, self.narrow_range), inputs.dtype)
 
-    def get_config(self):
-        return {
-            "num_bits": self.num_bits,
-            "ema_decay": self.ema_decay,
-            "narrow_range": self.narrow_range,
-            "non_negative": self.non_negative,
-        }
-
 
 @keras.saving.register_keras_serializable(package="tfopt")
 class FixedRangeQuantizer(Quantizer):
@@ -337,6 +319,8 @@ class FixedRangeQuantizer(Quantizer):
         narrow_range: use ``2**num_bits - 2`` levels.
     """
 
+    _config_keys = ("min_value", "max_value", "num_bits", "narrow_range")
+
     def __init__(self, min_value, max_value, num_bits=8, narrow_range=False):
         if not float(min_value) <= 0.0 <= float(max_value) or float(min_value) == float(max_value):
             raise ValueError(
@@ -352,11 +336,3 @@ class FixedRangeQuantizer(Quantizer):
         x = ops.cast(inputs, "float32")
         y = fake_quant(x, self.min_value, self.max_value, self.num_bits, self.narrow_range)
         return ops.cast(y, inputs.dtype)
-
-    def get_config(self):
-        return {
-            "min_value": self.min_value,
-            "max_value": self.max_value,
-            "num_bits": self.num_bits,
-            "narrow_range": self.narrow_range,
-        }

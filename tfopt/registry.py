@@ -28,7 +28,7 @@ import dataclasses
 
 import keras
 
-__all__ = ["LayerSpec", "Weight", "register_layer", "lookup", "weight_at", "unregister_layer", "walk", "children", "selected", "knowable"]
+__all__ = ["LayerSpec", "OPS", "QAT_ROLES", "QAT_FORWARDS", "CHANNEL_ROLES", "Weight", "register_layer", "lookup", "weight_at", "unregister_layer", "walk", "children", "selected", "knowable"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +46,25 @@ class LayerSpec:
             (e.g. ``"activation"`` for Dense and Conv), or None.
         sublayers: True for a composite layer whose own weights the row
             describes while `walk` still descends into its sub-layers.
+        qat_role: how QAT treats the layer: "kernel" (its `quantizable`
+            weights are fake-quantized, its output too), "compute" (its
+            output is fake-quantized), "same_scale" (its output keeps its
+            input's scale: reshapes, pooling, padding), "concat" (inputs and
+            output share one scale) or "fuses_relu" (an op the converter fuses
+            a following ReLU into).
+        qat_forward: for "kernel" rows, which `tfopt.qat_layers` forward
+            recomputes the layer from its fake-quantized kernels ("conv",
+            "conv1d", "depthwise", "separable", "transpose", "dense"); None
+            runs the layer itself with its weights substituted.
+        channel_role: how `prune_channels` treats the layer: "conv", "dense",
+            "separable" (they produce channels it may remove), "depthwise",
+            "channelwise" (per-channel weights, sliced along), "elementwise"
+            (any rank), "spatial" (keeps a last channel axis), "merge"
+            (several inputs, one channel set), "transpose" (MACs counted, a
+            group boundary); None stops a channel group.
+        factorizable: `low_rank_factorize` may split its kernel in two.
+        input_axis: the kernel axis of input channels in TFLite's layout
+            (the groups of N:M sparsity).
     """
 
     prunable: tuple = ()
@@ -54,56 +73,104 @@ class LayerSpec:
     quant_axis: tuple = ()
     activation: str | None = None
     sublayers: bool = False
+    qat_role: str = "compute"
+    qat_forward: str | None = None
+    channel_role: str | None = None
+    factorizable: bool = False
+    input_axis: int = -2
+
+
+QAT_ROLES = ("kernel", "compute", "same_scale", "concat", "fuses_relu")
+QAT_FORWARDS = ("conv", "conv1d", "depthwise", "separable", "transpose", "dense")
+CHANNEL_ROLES = ("conv", "dense", "separable", "depthwise", "transpose", "channelwise", "elementwise", "spatial", "merge")
 
 
 L = keras.layers
-_CONV_ROW = LayerSpec(prunable=("kernel",), quantizable=("kernel",), quant_axis=(-1,), activation="activation")
+_R = dataclasses.replace
+
+
+def _kernel(forward, axis, channel_role=None, **kw):
+    return LayerSpec(
+        prunable=("kernel",), quantizable=("kernel",), quant_axis=(axis,), activation="activation", qat_role="kernel",
+        qat_forward=forward, channel_role=channel_role, **kw,
+    )
+
+
+def _rows(classes, spec):
+    return dict.fromkeys(classes, spec)
+
+
+_SAME = LayerSpec(qat_role="same_scale")
+_ELEMENTWISE = LayerSpec(channel_role="elementwise")
+_SPATIAL = LayerSpec(qat_role="same_scale", channel_role="spatial")
+_NORM = LayerSpec()  # weights that stay dense (folded or left float by the converter)
 
 # Ordered: lookup walks the layer's MRO, so a subclass row wins over its base.
 _TABLE = {
     # Per-tensor for Dense: the converter rejects per-channel fake-quant on a
     # FULLY_CONNECTED kernel ("'tfl.transpose' op has mismatched quantized axes").
-    L.Dense: LayerSpec(prunable=("kernel",), quantizable=("kernel",), quant_axis=(None,), activation="activation"),
-    L.EinsumDense: LayerSpec(prunable=("kernel",), quantizable=("kernel",), quant_axis=(None,), activation="activation"),
-    L.Conv1D: _CONV_ROW,
-    L.Conv2D: _CONV_ROW,
-    L.Conv3D: _CONV_ROW,
-    # Transposed kernels are (h, w, out, in). QAT quantizes them per tensor (as
-    # TFMOT): per-channel fake quant on them fails conversion with "'tfl.transpose'
-    # op has mismatched quantized axes of input and output" (measured, TF 2.21).
-    # QAT: 1-D depthwise/separable/transposed kernels are quantized per tensor:
-    # TF lowers them through an ExpandDims of the fake-quantized kernel, which
-    # the converter cannot give per-channel scales (Conv1D is rewritten as a
-    # 2-D conv by tfopt.qat_layers, so it keeps per-channel scales).
-    L.Conv1DTranspose: LayerSpec(prunable=("kernel",), quantizable=("kernel",), quant_axis=(None,), activation="activation"),
-    L.Conv2DTranspose: LayerSpec(prunable=("kernel",), quantizable=("kernel",), quant_axis=(None,), activation="activation"),
-    L.Conv3DTranspose: LayerSpec(prunable=("kernel",), quantizable=("kernel",), quant_axis=(None,), activation="activation"),
-    # Depthwise kernels are (h, w, in, multiplier); TFLite puts the channels
-    # (in * multiplier) last. Pruning them hurts accuracy a lot: opt-in only.
-    L.DepthwiseConv1D: LayerSpec(prunable=("kernel",), prune_by_default=False, quantizable=("kernel",), quant_axis=(None,), activation="activation"),
-    L.DepthwiseConv2D: LayerSpec(prunable=("kernel",), prune_by_default=False, quantizable=("kernel",), quant_axis=(-2,), activation="activation"),
+    L.Dense: _kernel("dense", None, "dense", factorizable=True),
+    # EinsumDense runs itself with its kernel substituted (no rewrite of its equation).
+    L.EinsumDense: _kernel(None, None),
+    L.Conv1D: _kernel("conv1d", -1, "conv"),
+    L.Conv2D: _kernel("conv", -1, "conv", factorizable=True),
+    # Per tensor: TensorFlow's per-channel fake-quant gradient takes kernels of rank <= 4 (Conv3D's is 5).
+    L.Conv3D: _kernel("conv", None, "conv"),
+    # Transposed kernels are (h, w, out, in), their input channels last. QAT quantizes them per tensor (as
+    # TFMOT): per-channel fake quant on them fails conversion with "'tfl.transpose' op has mismatched
+    # quantized axes of input and output" (measured, TF 2.21).
+    **_rows((L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose), _kernel("transpose", None, "transpose", input_axis=-1)),
+    # Depthwise kernels are (h, w, in, multiplier); TFLite puts the channels (in * multiplier) last. Pruning
+    # them hurts accuracy a lot: opt-in only. 1-D depthwise/separable kernels are quantized per tensor: TF
+    # lowers them through an ExpandDims of the fake-quantized kernel, which the converter cannot give
+    # per-channel scales (Conv1D is rewritten as a 2-D conv by tfopt.qat_layers, so it keeps them).
+    L.DepthwiseConv1D: _kernel("depthwise", None, "depthwise", prune_by_default=False),
+    L.DepthwiseConv2D: _kernel("depthwise", -2, "depthwise", prune_by_default=False),
     # Only the pointwise kernel is pruned (as TFMOT); both are quantized.
-    L.SeparableConv1D: LayerSpec(prunable=("pointwise_kernel",), quantizable=("depthwise_kernel", "pointwise_kernel"), quant_axis=(None, None), activation="activation"),
-    L.SeparableConv2D: LayerSpec(prunable=("pointwise_kernel",), quantizable=("depthwise_kernel", "pointwise_kernel"), quant_axis=(-2, -1), activation="activation"),
+    **{
+        cls: _R(_kernel("separable", None, "separable"), prunable=("pointwise_kernel",),
+                quantizable=("depthwise_kernel", "pointwise_kernel"), quant_axis=axes)
+        for cls, axes in ((L.SeparableConv1D, (None, None)), (L.SeparableConv2D, (-2, -1)))
+    },
     L.Embedding: LayerSpec(prunable=("embeddings",)),
-    L.SimpleRNN: LayerSpec(prunable=("cell.kernel", "cell.recurrent_kernel")),
-    L.LSTM: LayerSpec(prunable=("cell.kernel", "cell.recurrent_kernel")),
-    L.GRU: LayerSpec(prunable=("cell.kernel", "cell.recurrent_kernel")),
+    **_rows((L.SimpleRNN, L.LSTM, L.GRU), LayerSpec(prunable=("cell.kernel", "cell.recurrent_kernel"))),
     L.MultiHeadAttention: LayerSpec(
         prunable=("query_dense.kernel", "key_dense.kernel", "value_dense.kernel", "output_dense.kernel")
     ),
-    # Normalization layers have weights but stay dense (and are folded or
-    # left float by the converter).
-    L.BatchNormalization: LayerSpec(),
-    L.LayerNormalization: LayerSpec(),
-    L.GroupNormalization: LayerSpec(),
-    L.UnitNormalization: LayerSpec(),
-    L.Normalization: LayerSpec(),
-    L.PReLU: LayerSpec(),
+    **_rows((L.BatchNormalization, L.PReLU), LayerSpec(channel_role="channelwise")),
+    **_rows((L.LayerNormalization, L.GroupNormalization, L.UnitNormalization, L.Normalization), _NORM),
+    # Weightless layers: QAT and channel-pruning roles.
+    **_rows((L.Dropout, L.GaussianNoise, L.GaussianDropout, L.AlphaDropout, L.ActivityRegularization, L.Identity),
+            _R(_SAME, channel_role="elementwise")),
+    **_rows((L.ReLU, L.LeakyReLU, L.ELU, L.RepeatVector), _ELEMENTWISE),
+    **_rows((L.Reshape, L.Flatten, L.Permute), _SAME),
+    **_rows((L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D, L.AveragePooling1D, L.AveragePooling2D,
+             L.AveragePooling3D, L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling3D,
+             L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D, L.Cropping1D, L.Cropping2D, L.Cropping3D,
+             L.UpSampling1D, L.UpSampling2D, L.UpSampling3D, L.SpatialDropout1D, L.SpatialDropout2D,
+             L.SpatialDropout3D), _SPATIAL),
+    **_rows((L.GlobalAveragePooling1D, L.GlobalAveragePooling2D, L.GlobalAveragePooling3D),
+            LayerSpec(channel_role="spatial")),
+    **_rows((L.Add, L.Subtract), LayerSpec(qat_role="fuses_relu", channel_role="merge")),
+    **_rows((L.Multiply, L.Maximum, L.Minimum, L.Average), LayerSpec(channel_role="merge")),
+    L.Concatenate: LayerSpec(qat_role="concat"),
     # keras-hub, by name. Position embeddings stay dense unless selected with `filters=`; the ViT patch
     # embedding's class token stays dense, its Conv2D and position Embedding are found by `walk`.
     "keras_hub>PositionEmbedding": LayerSpec(prunable=("position_embeddings",), prune_by_default=False),
     "keras_hub.src.models.vit.vit_layers.ViTPatchingAndEmbedding": LayerSpec(sublayers=True),
+}
+
+# `keras.ops` operations (op nodes of a Functional graph such as ``x + y``), by class name.
+_ELEMENTWISE_SAME = _R(_SAME, channel_role="elementwise")
+OPS = {
+    **_rows(("Reshape", "Transpose", "Squeeze", "ExpandDims", "GetItem", "Flatten"), _SAME),
+    **_rows(("Identity", "Cast"), _ELEMENTWISE_SAME),
+    "Concatenate": LayerSpec(qat_role="concat"),
+    **_rows(("Add", "Subtract"), LayerSpec(qat_role="fuses_relu", channel_role="merge")),
+    **_rows(("Multiply", "Divide", "TrueDivide", "Maximum", "Minimum", "Power"), LayerSpec(channel_role="merge")),
+    **_rows(("Relu", "Relu6", "Sigmoid", "HardSigmoid", "Tanh", "Silu", "HardSilu", "Gelu", "Elu", "Selu",
+             "LeakyRelu", "Softplus", "Softsign", "Absolute", "Negative", "Square", "Sqrt", "Exp", "Log", "Clip"),
+            _ELEMENTWISE),
 }
 del L
 
@@ -127,7 +194,8 @@ def register_layer(
 
     Raises:
         TypeError: `layer_class` is not a Keras layer class.
-        ValueError: `quant_axis` does not match `quantizable`.
+        ValueError: `quant_axis` does not match `quantizable`, a path is not
+            an attribute path, or a claim QAT could not run.
 
     Example:
         >>> class Scale(keras.layers.Layer):
@@ -144,11 +212,24 @@ def register_layer(
         )
     prunable, quantizable = tuple(prunable), tuple(quantizable)
     quant_axis = (None,) * len(quantizable) if quant_axis is None else tuple(quant_axis)
-    if len(quant_axis) != len(quantizable):
+    if len(quant_axis) != len(quantizable) or not all(a is None or isinstance(a, int) for a in quant_axis):
         raise ValueError(
-            "`quant_axis` needs one entry per quantizable weight. "
+            "`quant_axis` needs one entry per quantizable weight: an int axis (per-channel) or None (per-tensor). "
             f"Received: quantizable={quantizable}, quant_axis={quant_axis}"
         )
+    bad = [p for p in prunable + quantizable if not isinstance(p, str) or not all(s.isidentifier() for s in p.split("."))]
+    if bad:
+        raise ValueError(
+            "Weight paths are attribute paths on the layer, e.g. 'kernel' or 'cell.recurrent_kernel'. "
+            f"Received: {bad}"
+        )
+    if quantizable and sublayers:
+        # QAT wraps whole layers and does not descend into sub-layers: such a claim could not run.
+        raise ValueError(
+            f"A `sublayers=True` row cannot name `quantizable` weights: QAT does not descend into sub-layers. Register "
+            f"the sub-layers' classes instead. Received: layer_class={layer_class.__name__}, quantizable={quantizable}"
+        )
+    # A registered layer with quantizable weights is run by QAT with its weights substituted (no rewrite).
     _TABLE[layer_class] = LayerSpec(
         prunable=prunable,
         prune_by_default=prune_by_default,
@@ -156,6 +237,7 @@ def register_layer(
         quant_axis=quant_axis,
         activation=activation,
         sublayers=bool(sublayers),
+        qat_role="kernel" if quantizable else "compute",
     )
 
 
@@ -165,7 +247,9 @@ def unregister_layer(layer_class):
 
 
 def lookup(layer):
-    """Returns the `LayerSpec` for `layer`, or None if its type is unknown."""
+    """Returns the `LayerSpec` for `layer` (a `keras.ops` operation too), or None if its type is unknown."""
+    if not isinstance(layer, keras.layers.Layer):
+        return OPS.get(type(layer).__name__)
     for cls in type(layer).__mro__:
         for key in (cls, f"{cls.__module__}.{cls.__qualname__}", keras.saving.get_registered_name(cls)):
             if key in _TABLE:
@@ -263,8 +347,11 @@ def selected(layer, positions=None, protocol=None):
 
 
 def knowable(layer, protocol=None):
-    """True if `walk` can tell the weights of `layer` once it is built (its type alone decides)."""
-    return lookup(layer) is not None or bool(protocol and hasattr(layer, protocol)) or bool(children(layer))
+    """True if `layer`'s type can hold weights `walk` finds (its type alone decides; unbuilt layers too)."""
+    spec = lookup(layer)
+    if spec is not None:
+        return bool(spec.prunable) or spec.sublayers
+    return bool(protocol and hasattr(layer, protocol)) or bool(children(layer))
 
 
 def _walk(layer, prefix, protocol, weights, unplaced, seen):

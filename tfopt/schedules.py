@@ -33,13 +33,12 @@ def _check_sparsity(name, value):
         )
 
 
-def _check_steps(begin_step, end_step, frequency, allow_forever):
-    _check_int("begin_step", begin_step)
-    _check_int("end_step", end_step)
-    _check_int("frequency", frequency)
+def _check_steps(begin_step, end_step, frequency, ramp):
+    for name, value in (("begin_step", begin_step), ("end_step", end_step), ("frequency", frequency)):
+        _check_int(name, value)
     if begin_step < 0:
         raise ValueError(f"`begin_step` must be >= 0. Received: begin_step={begin_step}")
-    if end_step == -1 and not allow_forever:
+    if end_step == -1 and ramp:
         raise ValueError(
             "`end_step` cannot be -1 here: the sparsity ramp needs an end. Pass the step at "
             f"which the final sparsity is reached. Received: end_step={end_step}"
@@ -47,6 +46,12 @@ def _check_steps(begin_step, end_step, frequency, allow_forever):
     if end_step != -1 and end_step < begin_step:
         raise ValueError(
             "`end_step` must be >= `begin_step` (or -1 to prune until training ends). "
+            f"Received: begin_step={begin_step}, end_step={end_step}"
+        )
+    if ramp and end_step == begin_step:
+        raise ValueError(
+            "`end_step` must be greater than `begin_step`: the ramp needs at least one step "
+            "(use ConstantSparsity for a single jump). "
             f"Received: begin_step={begin_step}, end_step={end_step}"
         )
     if frequency <= 0:
@@ -68,8 +73,9 @@ class PruningSchedule:
     """Base class: says at each step whether to prune and to which sparsity.
 
     Subclasses implement `__call__(step) -> (should_prune, sparsity)` and
-    `get_config()`. Register a subclass with
-    `@keras.saving.register_keras_serializable()` so that saved models find it.
+    `get_config()` (or name their constructor arguments in `_config_keys`).
+    Register a subclass with `@keras.saving.register_keras_serializable()` so
+    that saved models find it.
 
     Example:
         >>> @keras.saving.register_keras_serializable(package="my_app")
@@ -82,11 +88,15 @@ class PruningSchedule:
         ...         return {"sparsity": self.sparsity}
     """
 
+    _config_keys = ()
+
     def __call__(self, step):
         raise NotImplementedError(f"{type(self).__name__} must implement __call__(step) -> (should_prune, sparsity).")
 
     def get_config(self):
-        raise NotImplementedError(f"{type(self).__name__} must implement get_config() to be saved.")
+        if not self._config_keys:
+            raise NotImplementedError(f"{type(self).__name__} must implement get_config() to be saved.")
+        return {key: getattr(self, key) for key in self._config_keys}
 
     @classmethod
     def from_config(cls, config):
@@ -123,9 +133,11 @@ class ConstantSparsity(PruningSchedule):
         (True, 0.5)
     """
 
+    _config_keys = ("target_sparsity", "begin_step", "end_step", "frequency")
+
     def __init__(self, target_sparsity, begin_step, end_step=-1, frequency=100):
         _check_sparsity("target_sparsity", target_sparsity)
-        _check_steps(begin_step, end_step, frequency, allow_forever=True)
+        _check_steps(begin_step, end_step, frequency, ramp=False)
         self.target_sparsity = float(target_sparsity)
         self.begin_step = int(begin_step)
         self.end_step = int(end_step)
@@ -134,14 +146,6 @@ class ConstantSparsity(PruningSchedule):
     def __call__(self, step):
         should = self._should_prune_in_step(step, self.begin_step, self.end_step, self.frequency)
         return should, float(np.float32(self.target_sparsity))
-
-    def get_config(self):
-        return {
-            "target_sparsity": self.target_sparsity,
-            "begin_step": self.begin_step,
-            "end_step": self.end_step,
-            "frequency": self.frequency,
-        }
 
 
 @keras.saving.register_keras_serializable(package="tfopt")
@@ -154,8 +158,7 @@ class PolynomialDecay(PruningSchedule):
                          + (initial_sparsity - final_sparsity) * (1 - p) ** power
 
     computed in float32 like TFMOT's train function, so the values match it bit
-    for bit. Masks
-    are updated every `frequency` steps from `begin_step` to `end_step`;
+    for bit. Masks are updated every `frequency` steps from `begin_step` to `end_step`;
     after `end_step` they stay frozen (Zhu & Gupta, 2017,
     https://arxiv.org/abs/1710.01878).
 
@@ -174,20 +177,14 @@ class PolynomialDecay(PruningSchedule):
         (True, 0.800000011920929)
     """
 
+    _config_keys = ("initial_sparsity", "final_sparsity", "begin_step", "end_step", "power", "frequency")
+
     def __init__(self, initial_sparsity, final_sparsity, begin_step, end_step, power=3, frequency=100):
         _check_sparsity("initial_sparsity", initial_sparsity)
         _check_sparsity("final_sparsity", final_sparsity)
         if isinstance(power, bool) or not isinstance(power, (int, float, np.integer, np.floating)) or not power > 0:
             raise ValueError(f"`power` must be a number > 0 (3 is the usual cubic ramp). Received: power={power!r}")
-        _check_int("end_step", end_step)
-        _check_int("begin_step", begin_step)
-        if end_step != -1 and end_step == begin_step:
-            raise ValueError(
-                "`end_step` must be greater than `begin_step`: the ramp needs at least one step "
-                "(use ConstantSparsity for a single jump). "
-                f"Received: begin_step={begin_step}, end_step={end_step}"
-            )
-        _check_steps(begin_step, end_step, frequency, allow_forever=False)
+        _check_steps(begin_step, end_step, frequency, ramp=True)
         self.initial_sparsity = float(initial_sparsity)
         self.final_sparsity = float(final_sparsity)
         self.begin_step = int(begin_step)
@@ -220,13 +217,3 @@ class PolynomialDecay(PruningSchedule):
     def __call__(self, step):
         should = self._should_prune_in_step(step, self.begin_step, self.end_step, self.frequency)
         return should, self.sparsity_at(step)
-
-    def get_config(self):
-        return {
-            "initial_sparsity": self.initial_sparsity,
-            "final_sparsity": self.final_sparsity,
-            "begin_step": self.begin_step,
-            "end_step": self.end_step,
-            "power": self.power,
-            "frequency": self.frequency,
-        }
