@@ -36,9 +36,12 @@ class Report:
     header = ()
     right = ()
     totals = ()  # attribute names that `to_dict` adds next to "layers"
+    summed = ()  # row keys whose totals become attributes of the same name
 
     def __init__(self, rows):
         self.rows = rows
+        for key in self.summed:
+            setattr(self, key, sum(r[key] for r in rows))
 
     def _cells(self, row):
         raise NotImplementedError

@@ -182,8 +182,7 @@ def density_based_centroids(values, number_of_clusters):
     the same purpose).
 
     Args:
-        values: array of any shape (flattened).
-        number_of_clusters: ``k >= 1``.
+        values, number_of_clusters: as for `linear_centroids`.
 
     Returns:
         float64 array of shape ``(k,)``, ascending.
@@ -208,9 +207,7 @@ def kmeans_plus_plus_centroids(values, number_of_clusters, seed=0):
     repeat chosen ones. O(n k) time, O(n) memory.
 
     Args:
-        values: array of any shape (flattened).
-        number_of_clusters: ``k >= 1``.
-        seed: seed of `numpy.random.default_rng`.
+        values, number_of_clusters, seed: as for `random_centroids`.
 
     Returns:
         float64 array of shape ``(k,)``, ascending.
@@ -677,14 +674,11 @@ class ClusteringReport(_report.Report):
         max_distinct: the largest `distinct` of any row.
     """
 
-    header = ("layer", "type", "weights", "distinct values", "zeros")
-    right = (2, 3, 4)
-    totals = ("weights", "zeros", "max_distinct")
+    header, right = ("layer", "type", "weights", "distinct values", "zeros"), (2, 3, 4)
+    summed, totals = ("weights", "zeros"), ("weights", "zeros", "max_distinct")
 
     def __init__(self, rows):
         super().__init__(rows)
-        self.weights = sum(r["weights"] for r in rows)
-        self.zeros = sum(r["zeros"] for r in rows)
         self.max_distinct = max((r["distinct"] for r in rows), default=0)
 
     def _cells(self, r):

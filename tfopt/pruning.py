@@ -364,12 +364,7 @@ def pruned_wrappers(model):
 
 
 def prune_low_magnitude(
-    to_prune,
-    pruning_schedule=None,
-    block_size=(1, 1),
-    block_pooling_type="AVG",
-    sparsity_m_by_n=None,
-    filters=None,
+    to_prune, pruning_schedule=None, block_size=(1, 1), block_pooling_type="AVG", sparsity_m_by_n=None, filters=None
 ):
     """Returns a copy of a model (or layer) whose weights get pruned during `fit`.
 
@@ -537,12 +532,10 @@ class SparsityReport(_report.Report):
 
     header = ("layer", "type", "weights", "zeros", "sparsity")
     right = (2, 3, 4)
-    totals = ("weights", "zeros", "sparsity")
+    summed, totals = ("weights", "zeros"), ("weights", "zeros", "sparsity")
 
     def __init__(self, rows):
         super().__init__(rows)
-        self.weights = sum(r["weights"] for r in rows)
-        self.zeros = sum(r["zeros"] for r in rows)
         self.sparsity = self.zeros / self.weights if self.weights else 0.0
 
     def _cells(self, r):
