@@ -121,7 +121,15 @@ def test_every_op_row_names_a_keras_operation():
     assert set(registry.OPS) <= names, set(registry.OPS) - names
 
 
-@pytest.mark.parametrize("key", _rows())
+def test_marker_rows_only_mark_composite_layers():
+    # A row without a factory here marks a keras-hub composite layer whose sub-layers `walk` descends into
+    # (tested on the real backbones in test_composite.py): it may claim nothing else.
+    for key, spec in registry._TABLE.items():
+        if isinstance(key, str) and _hub(key) is None:
+            assert spec == registry.LayerSpec(sublayers=True), key
+
+
+@pytest.mark.parametrize("key", _rows(lambda spec: spec != registry.LayerSpec(sublayers=True)))
 def test_named_weights_exist(key):
     spec = registry._TABLE[key]
     _, layer, _ = _model(key)
