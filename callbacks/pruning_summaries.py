@@ -69,10 +69,9 @@ class PruningSummaries(keras.callbacks.Callback):
             for weight, mask, threshold in wrapper.pruned_weights:
                 m = ops.convert_to_numpy(mask)
                 short = weight.path.split("/")[-1]
-                sparsity = 1.0 - float(np.mean(m))
                 zeros += int(m.size - np.sum(m))
                 total += m.size
-                self._writer.add_scalar(f"{wrapper.layer.name}/{short}_sparsity", sparsity, step)
+                self._writer.add_scalar(f"{wrapper.layer.name}/{short}_sparsity", 1.0 - float(np.mean(m)), step)
                 self._writer.add_scalar(f"{wrapper.layer.name}/{short}_threshold", float(ops.convert_to_numpy(threshold)), step)
         self._writer.add_scalar("model/sparsity", zeros / max(total, 1), step)
         self._writer.flush()

@@ -41,7 +41,6 @@ class UpdatePruningStep(keras.callbacks.Callback):
         self._base = None  # each wrapper's step when this fit started
         self._done = 0  # steps completed in this fit before the current epoch
         self._last_end = -1
-        self._unbuilt_steps = 0
         self._kept = []
         self._sizes = []
 
@@ -55,7 +54,7 @@ class UpdatePruningStep(keras.callbacks.Callback):
             )
         for w in self._wrappers:
             w._step_callback_attached = True
-        self._base, self._done, self._last_end, self._unbuilt_steps = None, 0, -1, 0
+        self._base, self._done, self._last_end = None, 0, -1
 
     def on_train_end(self, logs=None):
         for w in self._wrappers:

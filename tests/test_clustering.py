@@ -487,6 +487,22 @@ def test_non_finite_weights_are_refused():
         cl.cluster_weights(model, 4)
 
 
+def test_non_finite_weights_of_a_subclassed_model_are_refused_before_copying():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.hidden = L.Dense(8)
+
+        def call(self, x):
+            return self.hidden(x)
+
+    net = Net()
+    net(np.zeros((1, 5), "float32"))
+    net.hidden.kernel.assign(np.full((5, 8), np.nan, "float32"))
+    with pytest.raises(ValueError, match="These weights hold NaN or inf values"):
+        cl.cluster_weights(net, 4)
+
+
 # ----- cluster-preserving QAT through quantize_model (conv kernels too) ---------------------
 
 

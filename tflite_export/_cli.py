@@ -48,7 +48,6 @@ def add_subcommands(subparsers):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_bench)
-    return subparsers
 
 
 def _load_rep_data(path):

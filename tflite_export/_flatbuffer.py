@@ -53,7 +53,7 @@ class Tensor:
 
     @property
     def num_elements(self):
-        return int(np.prod(self.shape)) if len(self.shape) else 1
+        return int(np.prod(self.shape))  # 1 for a scalar (shape ())
 
     @property
     def quantized(self):
@@ -74,13 +74,11 @@ class Operator:
 
     def option(self, getter, default=None):
         """Reads one field of the builtin options table (`default` when the op has no options)."""
-        if self.options is None:
-            return default
-        return getattr(self.options, getter)()
+        return default if self.options is None else getattr(self.options, getter)()
 
     @property
     def fused_activation(self):
-        if self.options is None or not hasattr(self.options, "FusedActivationFunction"):
+        if not hasattr(self.options, "FusedActivationFunction"):  # also for no options (None)
             return "NONE"
         return _ACTIVATIONS.get(self.options.FusedActivationFunction(), "NONE")
 
@@ -110,8 +108,7 @@ class FlatModel:
             oc = m.OperatorCodes(i)
             # Schema v3a keeps the old int8 field for codes < 127 and the int32 field for all.
             code = max(oc.BuiltinCode(), oc.DeprecatedBuiltinCode())
-            name = OP_NAMES.get(code, f"BUILTIN_{code}")
-            self.op_codes.append((name, oc.Version(), _str(oc.CustomCode())))
+            self.op_codes.append((OP_NAMES.get(code, f"BUILTIN_{code}"), oc.Version(), _str(oc.CustomCode())))
         self.metadata = {_str(md.Name()): md.Buffer() for md in map(m.Metadata, range(m.MetadataLength()))}
         self.subgraphs = [self._read_subgraph(m.Subgraphs(i)) for i in range(m.SubgraphsLength())]
         self.signatures = {}  # key -> (subgraph index, {input name: tensor}, {output name: tensor})
@@ -197,8 +194,7 @@ def _options(op):
 def read_bytes(tflite, arg_name="tflite"):
     """Bytes of a `.tflite` given as bytes, a path, or anything with a `.content` (a TFLiteModel)."""
     if hasattr(tflite, "content") and isinstance(tflite.content, (bytes, bytearray)):
-        content = bytes(tflite.content)
-        source = "TFLiteModel"
+        content, source = bytes(tflite.content), "TFLiteModel"
     elif isinstance(tflite, (bytes, bytearray, memoryview)):
         content = bytes(tflite)
         source = f"<{len(content)} bytes>"
@@ -226,10 +222,9 @@ def read_bytes(tflite, arg_name="tflite"):
 
 def check_identifier(content, received):
     if len(content) < 8 or content[4:8] != _FILE_IDENTIFIER:
-        head = bytes(content[:8])
         raise TFLiteFileError(
             "Not a TFLite flatbuffer: a .tflite file carries the identifier b'TFL3' at bytes 4-8, "
-            f"this one starts with {head!r}. Pass a file written by the TFLite converter or "
+            f"this one starts with {bytes(content[:8])!r}. Pass a file written by the TFLite converter or "
             f"`tfopt.tflite_export.convert`. Received: {received}"
         )
 
@@ -279,12 +274,10 @@ def with_io_names(content, input_names, output_names, metadata):
     if any(b.offset > 1 for b in model.buffers or ()):
         return content
     sg = model.subgraphs[0]
-    maps = []
-    for indices, names in ((sg.inputs, input_names), (sg.outputs, output_names)):
-        maps.append([])
-        for index, name in zip(indices, names):
-            sg.tensors[index].name = name
-            maps[-1].append(_schema.TensorMapT(name=name, tensorIndex=int(index)))
+    maps = [[_schema.TensorMapT(name=name, tensorIndex=int(index)) for index, name in zip(indices, names)]
+            for indices, names in ((sg.inputs, input_names), (sg.outputs, output_names))]
+    for tensor_map in maps[0] + maps[1]:
+        sg.tensors[tensor_map.tensorIndex].name = tensor_map.name
     model.signatureDefs = [_schema.SignatureDefT(maps[0], maps[1], "serving_default", 0)]
     model.metadata = [md for md in model.metadata or () if _str(md.name) not in metadata]
     for name, data in metadata.items():

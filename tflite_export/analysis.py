@@ -11,7 +11,7 @@ import numpy as np
 from tfopt._report import render_table
 from tfopt.tflite_export import _flatbuffer
 
-_INT8_LIKE = ("int8", "uint8")
+_INTEGER = ("int8", "uint8", "int16")  # integer activations, quantized weights
 _WEIGHT_INPUTS = {  # input slots that hold weights / bias of the ops that have them
     "CONV_2D": (1, 2),
     "DEPTHWISE_CONV_2D": (1, 2),
@@ -25,8 +25,6 @@ _WEIGHT_INPUTS = {  # input slots that hold weights / bias of the ops that have 
     "BATCH_MATMUL": (1,),
 }
 _FLOAT = ("float32", "float16", "float64", "bfloat16")
-
-
 _GZIP_BLOCK = 1 << 20
 
 
@@ -48,34 +46,22 @@ def _gzip_size(content):
 
 def io_edge_ops(sg):
     """Indices of the QUANTIZE/DEQUANTIZE ops that only convert the model's inputs or outputs (float, uint8 I/O)."""
-    edge = set()
     inputs, outputs = set(sg.inputs), set(sg.outputs)
-    for op in sg.operators:
-        if op.name == "QUANTIZE" and (set(op.inputs) & inputs or set(op.outputs) & outputs):
-            edge.add(op.index)
-        elif op.name == "DEQUANTIZE" and set(op.outputs) & outputs and not sg.tensors[op.inputs[0]].is_constant:
-            edge.add(op.index)
-    return edge
+    return {op.index for op in sg.operators
+            if (op.name == "QUANTIZE" and (set(op.inputs) & inputs or set(op.outputs) & outputs))
+            or (op.name == "DEQUANTIZE" and set(op.outputs) & outputs
+                and not sg.tensors[op.inputs[0]].is_constant)}
 
 
 def _float_leaks(sg, edge_ops):
-    """Ops of an integer graph that compute on float tensors: [(op, [float tensor names])]."""
-    edge_tensors = set()
-    for i in edge_ops:
-        op = sg.operators[i]
-        for t in op.inputs + op.outputs:
-            if sg.tensors[t].dtype in _FLOAT or t in sg.inputs or t in sg.outputs:
-                edge_tensors.add(t)
+    """Ops of an integer graph that compute on float tensors: [(op, [its float tensors])]."""
+    edge_tensors = {t for i in edge_ops for t in sg.operators[i].inputs + sg.operators[i].outputs
+                    if sg.tensors[t].dtype in _FLOAT or t in sg.inputs or t in sg.outputs}
     leaks = []
     for op in sg.operators:
-        if op.index in edge_ops:
-            continue
-        bad = [
-            sg.tensors[t]
-            for t in op.inputs + op.outputs
-            if t >= 0 and sg.tensors[t].dtype in _FLOAT and t not in edge_tensors
-        ]
-        if bad:
+        bad = [sg.tensors[t] for t in op.inputs + op.outputs
+               if t >= 0 and sg.tensors[t].dtype in _FLOAT and t not in edge_tensors]
+        if bad and op.index not in edge_ops:
             leaks.append((op, bad))
     return leaks
 
@@ -97,8 +83,7 @@ class Analysis:
 
     def __init__(self, fields):
         self._fields = fields
-        for k, v in fields.items():
-            setattr(self, k, v)
+        vars(self).update(fields)
 
     @property
     def is_fully_int8(self):
@@ -175,7 +160,7 @@ def _weight_tensors(sg):
             if t < 0 or not sg.tensors[t].is_constant:
                 continue
             if slots is None:  # by dtype; DEQUANTIZE's input: a float16 / dynamic-range weight stored quantized
-                weight = op.name == "DEQUANTIZE" or sg.tensors[t].dtype in _FLOAT + ("int8", "uint8", "int16")
+                weight = op.name == "DEQUANTIZE" or sg.tensors[t].dtype in _FLOAT + _INTEGER
             else:
                 weight = slot in slots
             if weight:
@@ -220,15 +205,12 @@ def _analyze_model(fm, gzip_bytes):
         d = dtypes.setdefault(t.dtype, {"activations": 0, "constants": 0, "bytes": 0})
         d["constants" if t.is_constant else "activations"] += 1
         d["bytes"] += fm.buffer_size(t.buffer)  # 0 for activations
-    edge = io_edge_ops(sg)
     lookups = _weight_lookups(sg)
-    has_int_acts = any(t.dtype in _INT8_LIKE + ("int16",) and not t.is_constant and t.index not in lookups
-                       for t in sg.tensors)
-    leaks = _float_leaks(sg, edge) if has_int_acts else []
-    weights = _weight_tensors(sg)
+    has_int_acts = any(t.dtype in _INTEGER and not t.is_constant and t.index not in lookups for t in sg.tensors)
+    leaks = _float_leaks(sg, io_edge_ops(sg)) if has_int_acts else []
     n_params = zeros = total_int8 = 0
     seen_buffers = set()
-    for t in (sg.tensors[i] for i in sorted(weights)):
+    for t in (sg.tensors[i] for i in sorted(_weight_tensors(sg))):
         n_params += t.num_elements
         if t.dtype == "int8" and t.buffer not in seen_buffers and not t.is_sparse:
             seen_buffers.add(t.buffer)

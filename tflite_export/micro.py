@@ -66,19 +66,15 @@ def run_micro(tflite, samples, *, timeout=600):
     runner = Runner(content, kernels="builtin")
     arrays = dict(zip((d["index"] for d in runner.inputs), runner.feeds(samples, "samples")))
     # The worker sets TFLM's inputs by position: the subgraph's order, which get_input_details keeps.
-    inputs = {
-        f"input_{j}": quantize(arrays[d["index"]][:, None], d)
-        for j, d in enumerate(runner.interpreter.get_input_details())
-    }
+    inputs = {f"input_{j}": quantize(arrays[d["index"]][:, None], d)
+              for j, d in enumerate(runner.interpreter.get_input_details())}
     with tempfile.TemporaryDirectory() as tmp:
         model_path, in_path, out_path = (os.path.join(tmp, n) for n in ("m.tflite", "x.npz", "out.npz"))
         pathlib.Path(model_path).write_bytes(content)
         np.savez(in_path, **inputs)
         try:
-            proc = subprocess.run(
-                [sys.executable, _WORKER, model_path, in_path, out_path],
-                capture_output=True, text=True, timeout=timeout, check=False,
-            )
+            proc = subprocess.run([sys.executable, _WORKER, model_path, in_path, out_path],
+                                  capture_output=True, text=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
             raise MicroError(f"TFLite Micro did not finish within {timeout} s. Received: timeout={timeout}") from None
         if proc.returncode != 0:

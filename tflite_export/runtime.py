@@ -289,8 +289,7 @@ class Comparison:
 def output_scale(tflite, index=None):
     """The quantization step of output tensor `index` (default: the first): its scale, or that of the tensor its
     DEQUANTIZE reads; None for a float graph."""
-    fm = _flatbuffer.parse(tflite)
-    sg = fm.subgraphs[0]
+    sg = _flatbuffer.parse(tflite).subgraphs[0]
     index = sg.outputs[0] if index is None else index
     t = sg.tensors[index]
     if t.quantized and t.dtype not in ("float32", "float16"):
@@ -387,7 +386,6 @@ def compare(keras_model, tflite, x, *, batch_size=32):
             f"The .tflite has {len(got)} output(s) and the Keras model {len(ref)}: `compare` needs the model the "
             f"file was converted from. Received: keras_model={keras_model.name!r}"
         )
-    # By name where the .tflite carries the Keras names (`convert` writes them), else by position.
     ref_by_name = dict(zip(_structure.in_order(ref_names, runner.output_names), map(np.asarray, ref)))
     parts = {
         name: _compare_one(g, ref_by_name[name], output_scale(content, d["index"]))

@@ -16,7 +16,7 @@ def is_graph_model(obj):
 
 def check_model(model, arg_name, fn_name):
     """Raises a helpful error unless `model` is a built Sequential/Functional model."""
-    if isinstance(model, keras.Model) and not is_graph_model(model):
+    if is_subclassed(model):
         raise ValueError(
             f"`{fn_name}` cannot rebuild a subclassed model ({type(model).__name__}): its layer graph "
             "is only known to its `call` method. Wrap its layers instead, in `__init__`, e.g. "
@@ -63,23 +63,20 @@ def all_layers(model):
     return out
 
 
-def make_filter(filters, paths=False):
-    """Turns `filters` (None, regex, list of regexes, callable) into a predicate or None.
+def make_filter(filters):
+    """Turns `filters` (None, regex, list of regexes, callable) into a predicate ``(layer, weight=None)`` or None.
 
-    The predicate takes a layer. With ``paths=True`` it takes ``(layer, weight=None)``: regexes then also
-    match the full path of a `registry.Weight` below the layer (``"transformer_layer_0/.../query/kernel"``);
-    a callable still decides by the layer.
+    Regexes match the layer's name and, given a `registry.Weight` below the layer, its full path
+    (``"transformer_layer_0/.../query/kernel"``); a callable decides by the layer.
     """
     if filters is None:
         return None
     if callable(filters):
-        return (lambda layer, weight=None: bool(filters(layer))) if paths else filters
+        return lambda layer, weight=None: bool(filters(layer))
     if isinstance(filters, str):
         filters = [filters]
     if isinstance(filters, (list, tuple)) and all(isinstance(f, str) for f in filters):
         patterns = [re.compile(f) for f in filters]
-        if not paths:
-            return lambda layer: any(p.search(layer.name) for p in patterns)
 
         def matches(layer, weight=None):
             names = [layer.name] + ([f"{layer.name}/{weight.path}"] if weight is not None else [])
@@ -112,7 +109,7 @@ def copy_layer(layer, weights=None):
     try:
         new = _from_config(layer)
         if layer.built:
-            _build_like(new, layer)
+            build_inner(new, layer.get_build_config(), input_specs(layer))
             new.set_weights(layer.get_weights() if weights is None else weights)
             new.built = True  # a subclassed model's build_from_config makes its weights but may not say so
     except Exception as e:  # noqa: BLE001 - any failure of the layer's own config code lands here
@@ -142,7 +139,7 @@ def _from_config(layer):
             # Some configs carry derived values their constructor refuses (keras-hub's ViT patch embedding
             # stores `num_patches`): retry with the keys the constructor and keras.layers.Layer take.
             accepted = _init_arguments(type(layer))
-            if accepted is None or set(config) <= accepted:
+            if set(config) <= accepted:
                 raise
             return type(layer).from_config({k: v for k, v in config.items() if k in accepted})
 
@@ -176,16 +173,12 @@ def _class_of(config, custom_objects):
 
 
 def _init_arguments(cls):
-    """Keyword names `cls.__init__` takes, with the base layer's; None if it takes a **kwargs it passes on."""
+    """Keyword names `cls.__init__` takes, with the base layer's and the input-shape keys."""
     names = {"input_shape", "input_dim", "batch_size", "batch_input_shape"}
     for klass in (cls, keras.layers.Layer):
         params = inspect.signature(klass.__init__).parameters.values()
         names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     return names
-
-
-def _build_like(new, layer):
-    build_inner(new, layer.get_build_config(), input_specs(layer))
 
 
 def input_specs(layer):
@@ -238,10 +231,10 @@ def select_weights(layers, filters, protocol_method):
 
     Returns:
         (dict: id of a layer -> tuple of the chosen weights' positions in `registry.walk` order (None: every
-        weight of a leaf layer, as when wrapping it alone), list of (layer, unplaced weight paths) for selected layers holding weights
-        tfopt does not know).
+        weight of a leaf layer, as when wrapping it alone), list of (layer, unplaced weight paths) for selected
+        layers holding weights tfopt does not know).
     """
-    selected = make_filter(filters, paths=True)
+    selected = make_filter(filters)
     chosen, unsupported = {}, []
     for layer in layers:
         found, unplaced = registry.walk(layer, protocol_method)
@@ -274,13 +267,7 @@ def unplaced_message(entries, verb, protocol_method):
     )
 
 
-def functional_shell(model, wrapper, suffix):
-    """A Functional model calling `wrapper` (which wraps a copy of the subclassed `model`) on its inputs."""
-    inputs = _symbolic_inputs(model)
-    return keras.Model(inputs, wrapper(inputs), name=f"{model.name}_{suffix}")
-
-
-def _symbolic_inputs(model):
+def symbolic_inputs(model):
     """`keras.Input`s of the shapes a built subclassed model was built with (one, or a list)."""
     shape = (model.get_build_config() or {}).get("input_shape")
     if shape is None:

@@ -1,4 +1,4 @@
-"""The base of every tfopt wrapper layer; finding, refusing and stripping wrappers; weight substitution.
+"""The base of every tfopt wrapper layer; wrapping, finding, refusing and stripping wrappers; weight substitution.
 
 `TfoptWrapper` holds what every wrapper shares: the type and "already wrapped" checks, a flat config
 (the constructor arguments named in `_config_keys`, the nested Keras objects among them in `_nested`), the
@@ -133,6 +133,40 @@ def refuse(model, kind, message):
     if found:
         names = ", ".join(mu.describe(l) for l in found[:4]) + (", ..." if len(found) > 4 else "")
         raise ValueError(message.format(model=repr(model.name), layers=names))
+
+
+def wrap(model_or_layer, make_wrapper, choose, arg_name, fn_name, suffix):
+    """A copy of `model_or_layer` in which ``make_wrapper(copy, weight_positions=...)`` wraps what `choose` picks.
+
+    ``choose(model_or_layer, layers)`` raises for what cannot be wrapped, else returns ``{id(layer): positions}``
+    (as `mu.select_weights`) for `layers`: the layers of a Sequential or Functional model, or ``[model_or_layer]``.
+    A single layer comes back as its wrapper, built if the layer is (a layer for a model's `__init__` may not be).
+    A subclassed model, whose graph only its `call` knows, is wrapped whole inside a Functional model over the
+    input shapes it was built with, so `fit` works as for any model.
+    """
+    if isinstance(model_or_layer, keras.layers.Layer) and not isinstance(model_or_layer, keras.Model):
+        layer = model_or_layer
+        positions = choose(layer, [layer]).get(id(layer))
+        wrapper = make_wrapper(mu.copy_layer(layer) if layer.built else layer, weight_positions=positions)
+        if layer.built:
+            wrapper.build()
+        return wrapper
+    subclassed = mu.is_subclassed(model_or_layer)
+    if subclassed:
+        mu.check_built_subclassed(model_or_layer, arg_name, fn_name)
+    else:
+        mu.check_model(model_or_layer, arg_name, fn_name)
+    chosen = choose(model_or_layer, [model_or_layer] if subclassed else mu.all_layers(model_or_layer))
+    if subclassed:
+        wrapper = make_wrapper(mu.copy_layer(model_or_layer), weight_positions=chosen[id(model_or_layer)])
+        inputs = mu.symbolic_inputs(model_or_layer)
+        return keras.Model(inputs, wrapper(inputs), name=f"{model_or_layer.name}_{suffix}")
+
+    def clone_function(layer):
+        new = mu.copy_layer(layer)
+        return make_wrapper(new, weight_positions=chosen[id(layer)]) if id(layer) in chosen else new
+
+    return _graph.map_layers(model_or_layer, clone_function)
 
 
 def strip(model, kind=STRIPPED):

@@ -267,12 +267,12 @@ def _flow(rec, shape):
         return "barrier", "is a subclassed model nested in the graph; tfopt cannot see its layers"
     # The row of a Keras class says how channels flow through it. A subclass may compute otherwise (its
     # `call`, `convolution_op`, ...): it gets no role, and is a barrier.
-    spec = registry.lookup(op) if t.__module__.startswith("keras.") else None
-    role = spec.channel_role if spec else None
+    role = getattr(registry.lookup(op), "channel_role", None) if t.__module__.startswith("keras.") else None
     if not isinstance(op, keras.layers.Layer):
         if not t.__module__.startswith("keras.src.ops"):
             return "barrier", "is a custom operation"
-        if not _scalar_arguments(rec):
+        scalars = (keras.KerasTensor, type(None), bool, int, float, str, np.number)
+        if not all(isinstance(x, scalars) for x in keras.tree.flatten(rec.arguments)):
             return "barrier", "is called with non-scalar constant arguments"
         if role == "merge" or (role == "elementwise" and len(rec.ins) == 1):
             return ("merge" if role == "merge" else "pass"), None
@@ -313,11 +313,6 @@ def _flow(rec, shape):
     return "barrier", "is a layer type tfopt does not know how channels flow through"
 
 
-def _scalar_arguments(rec):
-    scalars = (keras.KerasTensor, type(None), bool, int, float, str, np.number)
-    return all(isinstance(x, scalars) for x in keras.tree.flatten(rec.arguments))
-
-
 class _UnionFind:
     """Channel atoms; atoms that must keep the same index share a root."""
 
@@ -348,17 +343,12 @@ class _UnionFind:
             self.pinned.append(np.asarray(atoms, dtype=np.int64))
 
     def roots(self):
-        roots = np.asarray(self.parent, dtype=np.int64)
-        while True:
-            nxt = roots[roots]
-            if np.array_equal(nxt, roots):
-                return roots
-            roots = nxt
+        return np.asarray([self.find(i) for i in range(len(self.parent))], dtype=np.int64)
 
 
 def _channel_dim(shape):
     """Static size of the channel (last) axis of a per-sample shape with batch, or None."""
-    return shape[-1] if len(shape) >= 2 and shape[-1] is not None else None
+    return shape[-1] if len(shape) >= 2 else None
 
 
 def _reshape_atoms(atoms, in_shape, out_shape):
@@ -508,9 +498,8 @@ class _Plan:
             free = classes[~pinned[classes]]
             if not len(free):
                 continue
-            key = criterion
-            if key == "bn_gamma" and not any(kind == "bn" for kind, _, _ in members):
-                key = "l2"  # a group without BatchNormalization
+            # A group without BatchNormalization is ranked by "l2".
+            key = "l2" if criterion == "bn_gamma" and all(kind != "bn" for kind, _, _ in members) else criterion
             score = np.zeros(len(roots))
             for _, a, scores in members:
                 s = scores.get(key)
@@ -527,7 +516,7 @@ class _Plan:
         return keep
 
     def mask(self, atoms):
-        return self.keep[self.roots[atoms]]
+        return None if atoms is None else self.keep[self.roots[atoms]]
 
     def kept(self):
         """{layer name: kept output-channel indices} for every sliced layer."""
@@ -541,12 +530,8 @@ class _Plan:
 
 def _n_keep(n_free, n_pinned, ratio, round_to):
     keep = int(math.floor((1.0 - ratio) * n_free + 0.5))
-    if n_pinned == 0:
-        keep = max(keep, 1)
-    total = n_pinned + keep
-    if round_to > 1:
-        total = min(n_pinned + n_free, -(-total // round_to) * round_to)
-    return total - n_pinned
+    total = n_pinned + (keep if n_pinned else max(keep, 1))
+    return min(n_pinned + n_free, -(-total // round_to) * round_to) - n_pinned  # rounded up, within the width
 
 
 def _np(v):
@@ -597,16 +582,12 @@ def _new_op(rec, plan, unique):
             op.function, output_shape=op._output_shape, mask=op.mask, arguments=op.arguments, name=config["name"]
         )
         return new, None
-    x = plan.atoms[rec.ins[0]] if rec.ins else None
-    in_mask = out_mask = None if x is None else plan.mask(x)  # a channel-wise layer's outputs are its inputs
+    in_mask = plan.mask(plan.atoms[rec.ins[0]]) if rec.ins else None
+    out_mask = plan.mask(plan.atoms[rec.outs[0]])
     if kind in _PRODUCERS:
-        out_mask = plan.mask(plan.layer_out[id(op)])
         config["units" if kind == "dense" else "filters"] = int(out_mask.sum())
-    elif kind == "depthwise" and in_mask is not None:
-        out_mask = np.repeat(in_mask, op.depth_multiplier)
     elif kind == "reshape" and isinstance(op, L.Reshape):
-        out_shape = plan.graph.shape(rec.outs[0])
-        config["target_shape"] = (*out_shape[1:-1], int(plan.mask(plan.atoms[rec.outs[0]]).sum()))
+        config["target_shape"] = (*plan.graph.shape(rec.outs[0])[1:-1], int(out_mask.sum()))
     if kind not in _WEIGHT_NAMES:
         return type(op).from_config(config), None
     weights = _sliced_weights(op, kind, in_mask, out_mask)
@@ -633,7 +614,6 @@ def _sliced_weights(layer, kind, in_mask, out_mask):
 
 
 def _total(values, combine=sum):
-    """``combine(values)``, or None if a value is unknown (None)."""
     values = list(values)
     return None if any(v is None for v in values) else combine(values)
 
@@ -674,17 +654,13 @@ def _layer_stats(model):
             continue
         in_shape = graph.shape(rec.ins[0]) if rec.ins else ()
         out_shape = graph.shape(rec.outs[0])
-        spec = registry.lookup(op)  # subclasses too: MACs are an estimate
-        role = spec.channel_role if spec else None
+        role = getattr(registry.lookup(op), "channel_role", None)  # subclasses too: MACs are an estimate
         macs = (_macs(op, role, in_shape, out_shape) if in_shape else None) if role in _KERNEL_ROLES else 0
         row = stats.get(op.name)
         if row is None:
             stats[op.name] = {
-                "type": type(op).__name__,
-                "in": _channel_dim(in_shape),
-                "channels": _channel_dim(out_shape),
-                "params": sum(math.prod(w.shape) for w in op.weights),
-                "macs": macs,
+                "type": type(op).__name__, "in": _channel_dim(in_shape), "channels": _channel_dim(out_shape),
+                "params": sum(math.prod(w.shape) for w in op.weights), "macs": macs,
             }
         elif row["macs"] is not None:  # a shared layer: every call computes
             row["macs"] = None if macs is None else row["macs"] + macs

@@ -25,8 +25,7 @@ def build_parser():
         prog="tfopt",
         description="Model optimization for Keras 3: pruning, QAT, verified int8 TFLite export.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     demo = sub.add_parser("demo", help="train, prune, QAT and export int8 for the Edge TPU on MNIST (offline)")
     demo.add_argument("--out", default="tfopt_artifacts", help="folder for the artifacts (default: %(default)s)")
     demo.add_argument("--float-epochs", type=int, default=8)

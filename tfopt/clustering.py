@@ -28,31 +28,20 @@ exported. A weight cannot move to another cluster; to re-assign, strip and
 cluster again.
 
 Sparsity. With ``preserve_sparsity=True`` a weight that holds exact zeros (a
-pruned model) keeps them: centroid 0 is the zero centroid, pinned by
-``centroid_mask[0] == 0``, and takes every zero weight and only those; the
-other ``number_of_clusters - 1`` centroids are initialized from the nonzero
-weights. Zeros stay zero, nonzeros stay on their own centroids, and the kernel
-still has at most ``number_of_clusters`` distinct values (zero included).
+pruned model) keeps them in a pinned zero cluster (see `cluster_tensor`), and
+the kernel still has at most ``number_of_clusters`` distinct values, zero
+included.
 
-Centroid initializations (pure NumPy, on the flattened values ``x`` that are
-clustered, ``k`` centroids, returned in ascending order):
+Centroid initializations (pure NumPy, on the flattened values that are
+clustered; centroids returned in ascending order): `linear_centroids`,
+`random_centroids`, `density_based_centroids` and `kmeans_plus_plus_centroids`
+(the default); the formulas are in their docstrings.
 
-- ``"linear"``: ``c_j = min(x) + j * (max(x) - min(x)) / (k - 1)``.
-- ``"random"``: ``c_j ~ Uniform(min(x), max(x))``, i.i.d., seeded.
-- ``"density-based"``: ``c_j = Q((j + 1/2) / k)``, ``Q`` the empirical
-  quantile function of ``x``: one centroid in the middle of each of ``k``
-  equally populated bins, so centroids are dense where weights are.
-- ``"kmeans++"`` (default): k-means++ seeding (Arthur & Vassilvitskii, 2007):
-  ``c_1`` is a uniformly drawn value of ``x``; each next centroid is a value
-  of ``x`` drawn with probability ``D(x)^2 / sum D^2``, ``D`` the distance to
-  the nearest centroid chosen so far.
-
-Cluster-preserving QAT is `tfopt.quantize_model(model, preserve_clusters=...)`:
-the QAT wrapper trains each clustered kernel's centroids with the assignment
-fixed and picks per-channel int8 scales that give every channel the same codes,
-so conv, depthwise and Dense kernels export with at most ``number_of_clusters``
-int8 values (see `tfopt.qat_layers`). Both train through `Clusters`, the one
-cluster mechanism.
+Cluster-preserving QAT (`tfopt.quantize_model(model, preserve_clusters=...)`,
+see `tfopt.qat_layers`) trains the centroids through `Clusters` too, with the
+assignment fixed, and picks per-channel int8 scales that give every channel
+the same codes: conv, depthwise and Dense kernels export with at most
+``number_of_clusters`` int8 values.
 
 Variables of `ClusterWeights`: for each clustered weight, in registry order,
 ``<weight>_centroids`` (trainable), ``<weight>_centroid_mask`` and
@@ -61,13 +50,14 @@ variables by position (never reorder), trainable ones first: every
 ``_centroids``, then every ``_centroid_mask`` and ``_indices`` pair.
 """
 
+import functools
 import math
 
 import keras
 import numpy as np
 from keras import ops
 
-from tfopt import _checks, _graph, _report, _wrappers
+from tfopt import _checks, _report, _wrappers
 from tfopt import _model_utils as mu
 from tfopt import registry
 
@@ -100,7 +90,6 @@ class CentroidInitialization:
     KMEANS_PLUS_PLUS = "kmeans++"
 
 
-_INITS = ("linear", "random", "density-based", "kmeans++")
 _ALIASES = {
     "density_based": "density-based",
     "kmeans_plus_plus": "kmeans++",
@@ -157,8 +146,7 @@ def random_centroids(values, number_of_clusters, seed=0):
     ``c_j ~ Uniform(min(x), max(x))`` i.i.d., then sorted.
 
     Args:
-        values: array of any shape (flattened).
-        number_of_clusters: ``k >= 1``.
+        values, number_of_clusters: as for `linear_centroids`.
         seed: seed of `numpy.random.default_rng`.
 
     Returns:
@@ -272,11 +260,11 @@ def nearest_centroid(values, centroids):
 def _canonical_init(value):
     name = value.strip().lower().split("centroidinitialization.")[-1] if isinstance(value, str) else None  # TFMOT's
     name = _ALIASES.get(name, name)
-    if name in _INITS:
+    if name in _INIT_FUNCTIONS:
         return name
-    # `value` is not in _INITS either (their canonical names are themselves): this raises.
+    # Neither a name nor an alias: this raises.
     hint = "A tfopt.clustering.CentroidInitialization constant works too."
-    return _checks.check_choice(value, "cluster_centroids_init", _INITS, hint)
+    return _checks.check_choice(value, "cluster_centroids_init", tuple(_INIT_FUNCTIONS), hint)
 
 
 def _check_options(number_of_clusters, cluster_centroids_init, preserve_sparsity):
@@ -347,8 +335,6 @@ def _clusterable(layer, positions=None):
     return [(w.path.replace("/", "_"), w.variable) for w in registry.selected(layer, positions, _PROTOCOL)]
 
 
-
-
 def _refuse_layer(layer, arg_name):
     """The error for a single layer that cannot be wrapped."""
     if registry.lookup(layer) is not None:
@@ -360,11 +346,8 @@ def _refuse_layer(layer, arg_name):
 
 
 def _check_finite(layers, received):
-    bad = []
-    for layer in layers:
-        if layer.built:
-            bad += [f"{mu.describe(layer)} ({name})" for name, v in _clusterable(layer)
-                    if not np.all(np.isfinite(ops.convert_to_numpy(v)))]
+    bad = [f"{mu.describe(layer)} ({name})" for layer in layers if layer.built
+           for name, v in _clusterable(layer) if not np.all(np.isfinite(ops.convert_to_numpy(v)))]
     if bad:
         raise ValueError(
             f"These weights hold NaN or inf values, which cannot be clustered: {', '.join(bad)}. Check the training "
@@ -542,12 +525,14 @@ def cluster_weights(
 
     Args:
         model_or_layer: a built Sequential or Functional model (nested models
-            too), or a single layer (e.g. inside a subclassed model's
-            `__init__`).
+            and composite layers are walked into), a built subclassed model
+            (wrapped whole inside a Functional model), or a single layer (e.g.
+            inside a subclassed model's `__init__`).
         number_of_clusters: distinct values per kernel, an integer >= 2
             (16 is a common choice: 4-bit indices).
         cluster_centroids_init: "kmeans++" (default), "density-based",
-            "linear" or "random"; see the module docstring for the formulas.
+            "linear" or "random"; the formulas are in the docstrings of
+            `tfopt.clustering.linear_centroids` and the other `*_centroids`.
         filters: which layers to cluster: None (every supported layer), a
             regex on layer names, a list of regexes, or a callable
             ``fn(layer) -> bool``.
@@ -561,8 +546,8 @@ def cluster_weights(
     Raises:
         TypeError: `model_or_layer` is not a model or layer, or an option
             has the wrong type.
-        ValueError: `number_of_clusters < 2`, an unknown initialization, a
-            subclassed or unbuilt model, a model that is already clustered,
+        ValueError: `number_of_clusters < 2`, an unknown initialization, an
+            unbuilt model, a model that is already clustered,
             pruned (strip it first) or quantized (cluster before QAT), a
             selected layer with weights tfopt does not know (all are listed),
             or `filters` that select nothing.
@@ -575,32 +560,30 @@ def cluster_weights(
     """
     k, init, preserve = _check_options(number_of_clusters, cluster_centroids_init, preserve_sparsity)
     options = dict(number_of_clusters=k, cluster_centroids_init=init, preserve_sparsity=preserve)
-    if isinstance(model_or_layer, keras.layers.Layer) and not isinstance(model_or_layer, keras.Model):
-        layer = model_or_layer
-        if isinstance(layer, ClusterWeights):
-            raise ValueError(
-                f"Layer {mu.describe(layer)} is already wrapped for clustering. Keep training it, or strip it "
-                f"(`tfopt.strip_clustering`) first. Received: model_or_layer={layer.name!r}"
-            )
-        if not registry.knowable(layer, _PROTOCOL):
-            raise _refuse_layer(layer, "model_or_layer")
-        _check_finite([layer], f"model_or_layer={layer.name!r}")
-        wrapper = ClusterWeights(mu.copy_layer(layer) if layer.built else layer, **options)
-        if layer.built:
-            wrapper.build()
-        return wrapper
+    cluster = functools.partial(ClusterWeights, **options)
+    choose = functools.partial(_choose, filters=filters)
+    return _wrappers.wrap(model_or_layer, cluster, choose, "model_or_layer", "cluster_weights", "clustered")
 
-    model = model_or_layer
-    subclassed = mu.is_subclassed(model)
-    if subclassed:
-        mu.check_built_subclassed(model, "model_or_layer", "cluster_weights")
-    else:
-        mu.check_model(model, "model_or_layer", "cluster_weights")
-    if _wrappers.find(model, ClusterWeights):
-        raise ValueError(
-            f"Model {model.name!r} is already wrapped for clustering. Keep training it, or call "
-            f"`tfopt.strip_clustering(model)` first to cluster the stripped model again. Received: model_or_layer={model.name!r}"
-        )
+
+def _choose(model, layers, filters):
+    """Raises for what `model` (or a single layer) cannot cluster; returns the weights of `layers` to cluster."""
+    received = f"model_or_layer={model.name!r}"
+    if not isinstance(model, keras.Model):  # a single layer: its type decides, `filters` do not apply
+        if isinstance(model, ClusterWeights):
+            raise ValueError(
+                f"Layer {mu.describe(model)} is already wrapped for clustering. Keep training it, or strip it "
+                f"(`tfopt.strip_clustering`) first. Received: {received}"
+            )
+        if not registry.knowable(model, _PROTOCOL):
+            raise _refuse_layer(model, "model_or_layer")
+        _check_finite([model], received)
+        return {}
+    _wrappers.refuse(
+        model, ClusterWeights,
+        "Model {model} is already wrapped for clustering. Keep training it, or call "
+        "`tfopt.strip_clustering(model)` first to cluster the stripped model again. "
+        "Received: model_or_layer={model}",
+    )
     # Every other tfopt wrapper is a pruning or QAT one; a QAT model always holds QuantizeWrappers (TfoptWrappers),
     # so this refuses it without importing the QAT modules.
     _wrappers.refuse(
@@ -609,25 +592,17 @@ def cluster_weights(
         "`tfopt.strip_pruning(model)` first (preserve_sparsity=True keeps its zeros); quantize after clustering, not "
         "before. Received: model_or_layer={model}",
     )
-    chosen, unsupported = mu.select_weights([model] if subclassed else mu.all_layers(model), filters, _PROTOCOL)
+    chosen, unsupported = mu.select_weights(layers, filters, _PROTOCOL)
     if unsupported:
-        raise ValueError(mu.unplaced_message(unsupported, "cluster", _PROTOCOL) + f" Received: model_or_layer={model.name!r}")
+        raise ValueError(mu.unplaced_message(unsupported, "cluster", _PROTOCOL) + f" Received: {received}")
     if not chosen:
         raise ValueError(
             f"No layer of model {model.name!r} has weights to cluster"
             + (" among those `filters` selects. Check the names (model.summary()) or the predicate." if filters is not None else ".")
             + f" Received: filters={filters!r}"
         )
-    _check_finite([l for l in mu.all_layers(model) if id(l) in chosen], f"model_or_layer={model.name!r}")
-    if subclassed:  # its graph is known only to its `call`: wrapped whole, inside a Functional model
-        wrapper = ClusterWeights(mu.copy_layer(model), weight_positions=chosen[id(model)], **options)
-        return mu.functional_shell(model, wrapper, "clustered")
-
-    def clone_function(layer):
-        new = mu.copy_layer(layer)
-        return ClusterWeights(new, weight_positions=chosen[id(layer)], **options) if id(layer) in chosen else new
-
-    return _graph.map_layers(model, clone_function)
+    _check_finite([l for l in layers if id(l) in chosen], received)
+    return chosen
 
 
 def strip_clustering(model):
@@ -712,26 +687,20 @@ def clustering_report(model):
     layers = [model] if not isinstance(model, keras.Model) else mu.all_layers(model)
     rows = []
     for layer in layers:
-        if isinstance(layer, ClusterWeights):
-            if not layer.built:
-                continue
-            values = [ops.convert_to_numpy(v) for _, v in layer.clustered_weights()]
-            kind = type(layer.layer).__name__
-        else:
-            if isinstance(layer, keras.Model) or not layer.built or not registry.knowable(layer, _PROTOCOL):
-                continue
-            values = [ops.convert_to_numpy(v) for _, v in _clusterable(layer)]
-            kind = type(layer).__name__
+        clustered = isinstance(layer, ClusterWeights)
+        plain = not clustered and not isinstance(layer, keras.Model)
+        if not layer.built or not (clustered or (plain and registry.knowable(layer, _PROTOCOL))):
+            continue
+        pairs = layer.clustered_weights() if clustered else _clusterable(layer)
+        values = [ops.convert_to_numpy(v) for _, v in pairs]
         if not values:
             continue
-        rows.append(
-            {
-                "name": layer.name,
-                "type": kind,
-                "weights": sum(math.prod(v.shape) for v in values),
-                "distinct": max(int(np.unique(v).size) for v in values),
-                "zeros": sum(int(np.sum(v == 0)) for v in values),
-                "clustered": isinstance(layer, ClusterWeights),
-            }
-        )
+        rows.append({
+            "name": layer.name,
+            "type": type(layer.layer if clustered else layer).__name__,
+            "weights": sum(math.prod(v.shape) for v in values),
+            "distinct": max(int(np.unique(v).size) for v in values),
+            "zeros": sum(int(np.sum(v == 0)) for v in values),
+            "clustered": clustered,
+        })
     return ClusteringReport(rows)

@@ -105,8 +105,7 @@ def run_demo(out_dir="tfopt_artifacts", float_epochs=8, prune_epochs=6, qat_epoc
         x_train, y_train, batch_size=32, epochs=prune_epochs, verbose=fit_verbose,
         callbacks=[tfopt_callbacks.UpdatePruningStep()],
     )
-    stripped = tfopt.strip_pruning(pruned)
-    _compile(stripped, 1e-3)
+    stripped = _compile(tfopt.strip_pruning(pruned), 1e-3)
     pruned_acc = _accuracy(stripped, x_test, y_test)
     report = tfopt.sparsity_report(stripped)
     _save_keras(stripped, os.path.join(out_dir, "pruned.keras"))
@@ -120,8 +119,7 @@ def run_demo(out_dir="tfopt_artifacts", float_epochs=8, prune_epochs=6, qat_epoc
 
     if qat_epochs:
         say(f"\n[3/4] Quantization-aware training, {qat_epochs} epochs (pruned zeros kept)")
-        qat = tfopt.quantize_model(stripped)
-        _compile(qat, 1e-4)
+        qat = _compile(tfopt.quantize_model(stripped), 1e-4)
         qat.fit(x_train, y_train, batch_size=32, epochs=qat_epochs, verbose=fit_verbose)
         qat_acc = _accuracy(qat, x_test, y_test)
         say("\n[4/4] Exporting fully-int8 TFLite for the Coral Edge TPU")
@@ -130,8 +128,7 @@ def run_demo(out_dir="tfopt_artifacts", float_epochs=8, prune_epochs=6, qat_epoc
         qat_acc = None
         say("\n[3/4] QAT skipped; [4/4] exporting with post-training int8 quantization for the Edge TPU")
         int8 = tflite_export.convert(stripped, target="edgetpu", representative_data=x_train[:300])
-    int8_path = os.path.join(out_dir, "model_int8_edgetpu.tflite")
-    int8.save(int8_path)
+    int8.save(os.path.join(out_dir, "model_int8_edgetpu.tflite"))
     int8_acc = float(int8.evaluate(x_test, y_test))
     edgetpu = tflite_export.edgetpu_report(int8.content)
 

@@ -24,13 +24,14 @@ weight in registry order ``<weight>_mask`` and ``<weight>_threshold``, then
 ``pruning_step``.
 """
 
+import functools
 import math
 
 import keras
 import numpy as np
 from keras import ops
 
-from tfopt import _checks, _graph, _report, _wrappers
+from tfopt import _checks, _report, _wrappers
 from tfopt import _model_utils as mu
 from tfopt import registry
 from tfopt.schedules import ConstantSparsity, PruningSchedule
@@ -44,34 +45,23 @@ __all__ = [
     "SparsityReport",
 ]
 
-_POOLING = ("AVG", "MAX")
-
 
 def _check_options(pruning_schedule, block_size, block_pooling_type, sparsity_m_by_n):
-    _checks.check_choice(block_pooling_type, "block_pooling_type", _POOLING, "'AVG' or 'MAX' scores a block by its mean or largest magnitude.")
+    hint = "'AVG' or 'MAX' scores a block by its mean or largest magnitude."
+    _checks.check_choice(block_pooling_type, "block_pooling_type", ("AVG", "MAX"), hint)
     if pruning_schedule is not None and not isinstance(pruning_schedule, PruningSchedule):
         raise TypeError(
             "`pruning_schedule` must be a tfopt.PruningSchedule such as "
             "tfopt.PolynomialDecay(0.0, 0.8, begin_step=0, end_step=1000). "
             f"Received: pruning_schedule={pruning_schedule!r}"
         )
-    if (
-        not isinstance(block_size, (tuple, list))
-        or len(block_size) != 2
-        or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block_size)
-    ):
+    if not _is_int_pair(block_size) or min(block_size) < 1:
         raise ValueError(
             "`block_size` must be two positive integers (rows, columns), e.g. (1, 1) for "
             f"element-wise or (1, 4) for blocks of 4. Received: block_size={block_size!r}"
         )
     if sparsity_m_by_n is not None:
-        ok = (
-            isinstance(sparsity_m_by_n, (tuple, list))
-            and len(sparsity_m_by_n) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in sparsity_m_by_n)
-            and 0 < sparsity_m_by_n[0] < sparsity_m_by_n[1]
-        )
-        if not ok:
+        if not (_is_int_pair(sparsity_m_by_n) and 0 < sparsity_m_by_n[0] < sparsity_m_by_n[1]):
             raise ValueError(
                 "`sparsity_m_by_n` must be (m, n) with 0 < m < n: m zeros in every n consecutive "
                 f"input-channel weights, e.g. (2, 4). Received: sparsity_m_by_n={sparsity_m_by_n!r}"
@@ -81,6 +71,11 @@ def _check_options(pruning_schedule, block_size, block_pooling_type, sparsity_m_
                 "`sparsity_m_by_n` and `block_size` cannot be combined: pick one structure. "
                 f"Received: block_size={tuple(block_size)}, sparsity_m_by_n={tuple(sparsity_m_by_n)}"
             )
+
+
+def _is_int_pair(value):
+    pair = isinstance(value, (tuple, list)) and len(value) == 2
+    return pair and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
 
 
 _PROTOCOL = "get_prunable_weights"  # TFMOT's PrunableLayer protocol
@@ -191,11 +186,10 @@ class PruneLowMagnitude(_wrappers.TfoptWrapper):
             )
             threshold = self.add_weight(name=f"{short}_threshold", shape=(), initializer="zeros", trainable=False)
             self._pruned.append((w, mask, threshold))
+            w.constraint = _MaskConstraint(mask, w.constraint)
         self.pruning_step = self.add_weight(
             name="pruning_step", shape=(), dtype="int64", initializer="zeros", trainable=False
         )
-        for w, mask, _ in self._pruned:
-            w.constraint = _MaskConstraint(mask, w.constraint)
         self.built = True
 
     def _check_structure(self, leaf, w):
@@ -273,10 +267,8 @@ class PruneLowMagnitude(_wrappers.TfoptWrapper):
         """
         if self._kept_cache is None:
             self.read_mask_state()
-        kept = 0
         for i, (w, mask, threshold) in enumerate(self._pruned):
             if self._unchanged(w, self._kept_cache[i], sparsity):
-                kept += self._kept_cache[i]
                 continue
             w_np = np.asarray(ops.convert_to_numpy(w))
             new_mask, thr = self._compute_mask(self._leaves[i], w_np, np.asarray(ops.convert_to_numpy(mask)), sparsity)
@@ -284,8 +276,7 @@ class PruneLowMagnitude(_wrappers.TfoptWrapper):
             threshold.assign(thr)
             w.assign(w_np * new_mask)
             self._kept_cache[i] = int(new_mask.sum())
-            kept += self._kept_cache[i]
-        return kept
+        return sum(self._kept_cache)
 
     def _unchanged(self, w, currently_kept, sparsity):
         """True when the monotone mask of `w` provably stays as it is at `sparsity`."""
@@ -312,17 +303,10 @@ def _num_kept(size, sparsity, currently_kept):
 
 
 def _keep_top(scores, sparsity):
-    """0/1 float mask keeping the largest `scores` (flat); pruned entries score -1.
-
-    `np.argpartition` selects in O(n) (no sort). Returns (mask, threshold),
-    the threshold being the smallest kept magnitude.
-    """
+    """(0/1 float mask keeping the largest of the flat `scores`, smallest kept score); pruned ones score -1."""
     size = scores.size
     keep = _num_kept(size, sparsity, int(np.count_nonzero(scores >= 0)))
     mask = np.zeros(size, dtype=np.float32)
-    if keep == size:
-        mask[:] = 1.0
-        return mask, float(max(scores.min(), 0.0))
     kept_idx = np.argpartition(scores, size - keep)[size - keep :]
     mask[kept_idx] = 1.0
     return mask, float(max(scores[kept_idx].min(), 0.0))
@@ -376,8 +360,10 @@ def prune_low_magnitude(
     (compile it first: the copy has no optimizer).
 
     Args:
-        to_prune: a built Sequential or Functional model (nested models too),
-            or a single layer (e.g. inside a subclassed model's `__init__`).
+        to_prune: a built Sequential or Functional model (nested models and
+            composite layers are walked into), a built subclassed model
+            (wrapped whole inside a Functional model), or a single layer
+            (e.g. inside a subclassed model's `__init__`).
         pruning_schedule: a `tfopt.PruningSchedule`; default
             ``ConstantSparsity(0.5, begin_step=0, frequency=100)``.
         block_size: (rows, columns) pruned together; see `PruneLowMagnitude`.
@@ -392,9 +378,9 @@ def prune_low_magnitude(
     Raises:
         TypeError: `to_prune` is not a model or layer, or an option has the
             wrong type.
-        ValueError: a subclassed or unbuilt model, a model that is already
-            pruned, a selected layer with weights tfopt does not know (all are
-            listed), or an invalid option.
+        ValueError: an unbuilt model, a model that is already pruned, a
+            selected layer with weights tfopt does not know (all are listed),
+            or an invalid option.
 
     Example:
         >>> pruned = tfopt.prune_low_magnitude(
@@ -403,49 +389,44 @@ def prune_low_magnitude(
         >>> pruned.fit(x, y, callbacks=[tfopt.callbacks.UpdatePruningStep()])
     """
     _check_options(pruning_schedule, block_size, block_pooling_type, sparsity_m_by_n)
-    options = dict(
-        pruning_schedule=pruning_schedule,
-        block_size=block_size,
-        block_pooling_type=block_pooling_type,
-        sparsity_m_by_n=sparsity_m_by_n,
-    )
-    if isinstance(to_prune, PruneLowMagnitude):
-        raise ValueError(
-            f"Layer {mu.describe(to_prune)} is already wrapped for pruning. Keep training it, or pass the inner "
-            f"layer (`wrapper.layer`). Received: to_prune={to_prune.name!r}"
-        )
-    if isinstance(to_prune, keras.layers.Layer) and not mu.is_graph_model(to_prune):
-        return _prune_whole(to_prune, filters, options)
-
-    mu.check_model(to_prune, "to_prune", "prune_low_magnitude")
-    _check_not_pruned(to_prune)
-    chosen = _choose(mu.all_layers(to_prune), filters, to_prune.name)
+    options = dict(pruning_schedule=pruning_schedule, block_size=block_size, block_pooling_type=block_pooling_type,
+                   sparsity_m_by_n=sparsity_m_by_n)
     wrappers = []
 
-    def clone_function(layer):
-        new = mu.copy_layer(layer)
-        if id(layer) in chosen:
-            new = PruneLowMagnitude(new, weight_positions=chosen[id(layer)], **options)
-            wrappers.append(new)
-        return new
+    def prune(layer, weight_positions):
+        wrappers.append(PruneLowMagnitude(layer, weight_positions=weight_positions, **options))
+        return wrappers[-1]
 
-    pruned = _graph.map_layers(to_prune, clone_function)
+    choose = functools.partial(_choose, filters=filters)
+    pruned = _wrappers.wrap(to_prune, prune, choose, "to_prune", "prune_low_magnitude", "pruned")
     for w in wrappers:
         w.init_masks_from_weights()
     return pruned
 
 
-def _check_not_pruned(model):
-    if pruned_wrappers(model):
+def _choose(to_prune, layers, filters):
+    """Refuses what cannot be pruned; returns which weights of `layers` to prune, as `mu.select_weights`."""
+    name = to_prune.name
+    if isinstance(to_prune, PruneLowMagnitude):
         raise ValueError(
-            f"Model {model.name!r} is already wrapped for pruning. Keep training it, or call "
-            f"`tfopt.strip_pruning(model)` first to prune the stripped model again. Received: to_prune={model.name!r}"
+            f"Layer {mu.describe(to_prune)} is already wrapped for pruning. Keep training it, or pass the inner "
+            f"layer (`wrapper.layer`). Received: to_prune={name!r}"
         )
-
-
-def _choose(layers, filters, name):
-    """`mu.select_weights` for pruning, with pruning's errors."""
-    chosen, unsupported = mu.select_weights(layers, filters, _PROTOCOL)
+    if isinstance(to_prune, keras.Model):
+        _wrappers.refuse(
+            to_prune, PruneLowMagnitude,
+            "Model {model} is already wrapped for pruning. Keep training it, or call `tfopt.strip_pruning(model)` "
+            "first to prune the stripped model again. Received: to_prune={model}",
+        )
+    if to_prune.built and (isinstance(to_prune, keras.Model) or filters is not None):
+        chosen, unsupported = mu.select_weights(layers, filters, _PROTOCOL)
+    else:  # a single layer without `filters=`, or unbuilt (no weights yet, in a subclassed model's `__init__`)
+        found, unplaced = (
+            registry.walk(to_prune, _PROTOCOL) if to_prune.built else (registry.knowable(to_prune, _PROTOCOL), [])
+        )
+        if found and not unplaced:
+            return {}
+        chosen, unsupported = {}, [(to_prune, unplaced)]
     if unsupported:
         raise ValueError(mu.unplaced_message(unsupported, "prune", _PROTOCOL) + f" Received: to_prune={name!r}")
     if filters is None and not chosen:
@@ -461,39 +442,6 @@ def _choose(layers, filters, name):
             f"(model.summary()) or the predicate. Received: filters={filters!r}"
         )
     return chosen
-
-
-def _prune_whole(to_prune, filters, options):
-    """A single layer (composite or not), or a subclassed model, wrapped as a whole.
-
-    A layer comes back as its wrapper; a subclassed model (whose graph only its `call` knows) comes back
-    inside a Functional model over the input shapes it was built with, so `fit` and the callback work as
-    for any pruned model; `strip_pruning` turns it into a Functional model around a plain instance of the
-    model's own class.
-    """
-    is_model = isinstance(to_prune, keras.Model)
-    if is_model:
-        mu.check_built_subclassed(to_prune, "to_prune", "prune_low_magnitude")
-        _check_not_pruned(to_prune)
-    chosen = _choose([to_prune], filters, to_prune.name) if to_prune.built and (is_model or filters is not None) else None
-    if chosen is None:
-        # Unbuilt (a layer in a subclassed model's `__init__`): its weights do not exist yet; its type decides.
-        found, unplaced = registry.walk(to_prune, _PROTOCOL) if to_prune.built else (registry.knowable(to_prune, _PROTOCOL), [])
-        if unplaced or not found:
-            raise ValueError(
-                mu.unplaced_message([(to_prune, unplaced)], "prune", _PROTOCOL)
-                + f" Received: to_prune={to_prune.name!r}"
-            )
-    layer = mu.copy_layer(to_prune) if to_prune.built else to_prune
-    positions = chosen[id(to_prune)] if chosen else None
-    wrapper = PruneLowMagnitude(layer, weight_positions=positions, **options)
-    if not layer.built:
-        return wrapper
-    wrapper.build()
-    wrapper.init_masks_from_weights()
-    if not is_model:
-        return wrapper
-    return mu.functional_shell(to_prune, wrapper, "pruned")
 
 
 def strip_pruning(model):

@@ -126,10 +126,8 @@ def quantize_annotate_model(model):
     _refuse_quantized(model, "quantize_annotate_model")
 
     def clone_function(layer):
-        if isinstance(layer, QuantizeAnnotate):
-            return QuantizeAnnotate.from_config(layer.get_config())
         new = type(layer).from_config(layer.get_config())
-        if isinstance(layer, keras.layers.Layer):
+        if isinstance(layer, keras.layers.Layer) and not isinstance(layer, QuantizeAnnotate):
             return QuantizeAnnotate(new, name=f"annotate_{layer.name}")
         return new
 
@@ -270,9 +268,7 @@ class _Rec(_graph.Node):
 
 
 def _unwrap(op):
-    if isinstance(op, QuantizeAnnotate):
-        return op.layer, op.quantize_config, True
-    return op, None, False
+    return op.layer if isinstance(op, QuantizeAnnotate) else op
 
 
 def _plan(model, filters, annotated_only):
@@ -283,10 +279,10 @@ def _plan(model, filters, annotated_only):
 
     unsupported, errors = [], []
     for rec in records:
-        op, config, annotated = _unwrap(rec.op)
+        op, annotated = _unwrap(rec.op), isinstance(rec.op, QuantizeAnnotate)
         if not isinstance(op, keras.layers.Layer):
             continue  # op nodes are decided below, from their inputs
-        rec.config = config
+        rec.config = config = rec.op.quantize_config if annotated else None
         rec.selected = annotated if annotated_only else (pick is None or bool(pick(op)))
         if not rec.selected:
             rec.kind = "float"
@@ -310,12 +306,10 @@ def _plan(model, filters, annotated_only):
         )
 
     # Fold BatchNormalization into the kernel layer that feeds only it.
-    for rec in records:
-        if rec.kind != "bn":
-            continue
-        bn = _unwrap(rec.op)[0]
+    for rec in [r for r in records if r.kind == "bn"]:
+        bn = _unwrap(rec.op)
         src = producer(rec.ins[0]) if len(rec.ins) == 1 else None
-        src_layer = _unwrap(src.op)[0] if src is not None else None
+        src_layer = _unwrap(src.op) if src is not None else None
         axis = bn.axis if isinstance(bn.axis, int) else (bn.axis[0] if len(bn.axis) == 1 else None)
         rank = len(graph.shape(rec.ins[0]))
         if (
@@ -338,19 +332,15 @@ def _plan(model, filters, annotated_only):
         raise ValueError(_unsupported_message(unsupported, errors, model))
 
     # Op nodes: quantized when every input is produced inside the quantized region.
-    for rec in records:
-        if rec.kind is not None:
-            continue
+    for rec in [r for r in records if r.kind is None]:
         srcs = [producer(c) for c in rec.ins]
         inside = all(s is None and not annotated_only or (s is not None and s.selected) for s in srcs)
         rec.selected = inside and (pick is None or annotated_only)
         rec.kind = "float" if not rec.selected else "same" if _role(rec.op) == "same_scale" else "compute"
 
     # Fusion with a following ReLU, and shared ranges into Concatenate.
-    for rec in records:
-        op = _unwrap(rec.op)[0]
-        if not rec.selected:
-            continue
+    for rec in [r for r in records if r.selected]:
+        op = _unwrap(rec.op)
         if relu_kind(op) and len(rec.ins) == 1:
             direct = producer(rec.ins[0])  # a folded BN passes its producer's tensor through
             src = producer(direct.ins[0]) if direct is not None and direct.kind == "folded" else direct
@@ -371,7 +361,7 @@ def _role(op):
 
 
 def _fuses_relu(rec):
-    op = _unwrap(rec.op)[0]
+    op = _unwrap(rec.op)
     return fused_activation(op) == "linear" if rec.kind == "kernel" else _role(op) == "fuses_relu"
 
 
@@ -432,25 +422,20 @@ def _quantize(model, fn_name, scheme, filters, annotated_only, ema_decay, freeze
         return q_inputs[c]
 
     def make(rec):
-        op = _unwrap(rec.op)[0]
+        op = _unwrap(rec.op)
         if rec.kind not in ("kernel", "compute") or not isinstance(op, keras.layers.Layer):
             return _graph.copy_op(op, unique), None
         sparse = _has_zeros(op, rec) if preserve_sparsity is None else preserve_sparsity
         paths, k = cluster_plan.get(id(op), ((), None))
-        wrapper = QuantizeWrapper(  # masks and clusters are taken from the copied weights when it is built
+        return QuantizeWrapper(  # masks and clusters are taken from the copied weights when it is built
             mu.copy_layer(op),
             quantize_config=None if rec.config is None else type(rec.config).from_config(rec.config.get_config()),
             batch_norm=mu.copy_layer(rec.bn) if rec.bn is not None else None,
             quantize_output=rec.quantize_output,
             preserve_sparsity=bool(sparse) and (rec.kind == "kernel" or rec.config is not None),
-            ema_decay=ema_decay,
-            freeze_bn_delay=freeze_bn_delay,
-            num_outputs=len(rec.outs),
-            clustered_weights=paths,
-            number_of_clusters=k,
-            name=unique(f"quant_{op.name}"),
-        )
-        return wrapper, None
+            ema_decay=ema_decay, freeze_bn_delay=freeze_bn_delay, num_outputs=len(rec.outs),
+            clustered_weights=paths, number_of_clusters=k, name=unique(f"quant_{op.name}"),
+        ), None
 
     call = _graph.copier(make)
 
@@ -459,10 +444,9 @@ def _quantize(model, fn_name, scheme, filters, annotated_only, ema_decay, freeze
             if rec.ins[0] in quantized:
                 quantized.add(rec.outs[0])
             return keras.tree.flatten((args, kwargs))[0]
-        op = _unwrap(rec.op)[0]
         flat = keras.tree.flatten(call(rec, args, kwargs))
-        if rec.kind == "compute" and not isinstance(op, keras.layers.Layer) and rec.quantize_output:
-            flat = [QuantizeLayer(ema_decay=ema_decay, name=unique(f"{op.name}_quantize"))(t) for t in flat]
+        if rec.kind == "compute" and not isinstance(rec.op, keras.layers.Layer) and rec.quantize_output:
+            flat = [QuantizeLayer(ema_decay=ema_decay, name=unique(f"{rec.op.name}_quantize"))(t) for t in flat]
         if rec.selected and (
             rec.kind in ("kernel", "compute")
             or (rec.kind == "same" and all(i in quantized or i in q_inputs for i in rec.ins))
@@ -510,10 +494,7 @@ def _cluster_plan(records, clustered, k, model):
     """
     plan = {}
     by_count = k is not None and not isinstance(k, bool)
-    for rec in records:
-        if rec.kind != "kernel" or rec.config is not None:
-            continue
-        op = _unwrap(rec.op)[0]
+    for op in [_unwrap(rec.op) for rec in records if rec.kind == "kernel"]:  # QuantizeConfig layers are "compute"
         known, n = clustered.get(id(op), ((), 0))
         paths = [
             p for p in registry.lookup(op).quantizable

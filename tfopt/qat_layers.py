@@ -54,6 +54,8 @@ non-trainable ones, so in the file the ``_centroids`` come first, then the
 other variables in the order above.
 """
 
+import contextlib
+
 import keras
 import numpy as np
 from keras import ops
@@ -88,7 +90,6 @@ def fused_activation(layer):
 
 
 def _kernel_row(layer):
-    """The registry row of `layer` when it has ``qat_role == "kernel"``, else None."""
     spec = registry.lookup(layer)
     return spec if spec is not None and spec.qat_role == "kernel" else None
 
@@ -101,7 +102,7 @@ def relu_kind(layer):
         if layer.max_value is None:
             return "relu"
         return "relu6" if float(layer.max_value) == 6.0 else None
-    name = activation_name(layer.activation) if isinstance(layer, L.Activation) else None
+    name = _weightless_activation(layer)
     return name if name in ("relu", "relu6") else None
 
 
@@ -181,7 +182,6 @@ class QuantizeLayer(keras.layers.Layer):
 
     def build(self, input_shape=None):
         self.range_vars = self.quantizer.build(input_shape, "", self)
-        self.built = True
 
     def call(self, inputs, training=None):
         return self.quantizer(inputs, training, self.range_vars)
@@ -218,9 +218,8 @@ class QuantizeAnnotate(_wrappers.TfoptWrapper):
 def _weight_fq(w, axis, depthwise, max_abs=None, fold=None):
     """Symmetric, narrow-range int8 fake quant of a kernel, per channel along `axis` (None: per tensor).
 
-    With `max_abs` (a clustered kernel: the scalar ``max|kernel|`` of the unfolded kernel) channel ``c`` gets the
-    range ``|fold_c| * max_abs`` (`fold`: the per-output-channel BN fold factors, None without BN), so every channel
-    maps a shared centroid value to one int8 code (up to the sign of its fold factor).
+    With `max_abs` (``max|kernel|`` of a clustered, unfolded kernel) channel ``c`` gets the range
+    ``|fold_c| * max_abs`` (`fold`: the BN fold factors, None without BN), as the module docstring explains.
     """
     if axis is None:
         return LastValueQuantizer(per_axis=False)(w)
@@ -346,8 +345,7 @@ class QuantizeWrapper(_wrappers.TfoptWrapper):
         return _kernel_row(self.layer) if self.quantize_config is None else None
 
     def _forward(self):
-        row = self._row()
-        return row.qat_forward if row is not None else None
+        return getattr(self._row(), "qat_forward", None)
 
     def _weight_specs(self):
         """[(attribute path or variable, quantizer or axis)] of the weights to fake-quantize."""
@@ -373,14 +371,12 @@ class QuantizeWrapper(_wrappers.TfoptWrapper):
             names.append("depthwise_output")
         if self._forward() is not None and self._activation() not in _FUSED:
             names.append("pre_activation")
-        if isinstance(self.layer, L.Rescaling) and self.quantize_config is None and self._rescaling_offset_nonzero():
+        rescaling = isinstance(self.layer, L.Rescaling) and self.quantize_config is None
+        if rescaling and np.any(np.asarray(self.layer.offset) != 0):
             names.append("scaled")
         if self._hard_activation() is not None:
             names += ["hard_relu6", "hard_sigmoid"]
         return names
-
-    def _rescaling_offset_nonzero(self):
-        return bool(np.any(np.asarray(self.layer.offset) != 0))
 
     def _output_quantizers(self):
         if self.quantize_config is not None:
@@ -420,7 +416,6 @@ class QuantizeWrapper(_wrappers.TfoptWrapper):
                            preserve_sparsity=self.preserve_sparsity, dtype="float32")
             for path in self.clustered_weights
         }
-        self.built = True
 
     @property
     def clustered_variables(self):
@@ -452,9 +447,7 @@ class QuantizeWrapper(_wrappers.TfoptWrapper):
         """The inner layer's own call; with `mapping`, on the substituted values of those variables."""
         if training is not None and "training" in self.layer._call_signature.parameters:
             kwargs["training"] = training
-        if mapping is None:
-            return self.layer(inputs, **kwargs)
-        with _wrappers.substitute(mapping):
+        with contextlib.nullcontext() if mapping is None else _wrappers.substitute(mapping):
             return self.layer(inputs, **kwargs)
 
     def _call_custom(self, inputs, training, **kwargs):
@@ -470,7 +463,7 @@ class QuantizeWrapper(_wrappers.TfoptWrapper):
         if isinstance(layer, L.Rescaling):
             x = ops.cast(inputs, layer.compute_dtype)
             y = x * ops.cast(layer.scale, x.dtype)
-            if self._rescaling_offset_nonzero():
+            if "scaled" in self._act_vars:
                 y = self._act("scaled", y, training) + ops.cast(layer.offset, x.dtype)
             return y
         if self._hard_activation() is not None:
@@ -521,13 +514,11 @@ class QuantizeWrapper(_wrappers.TfoptWrapper):
             y = self._fold_bn(y, bias, fold, training)
         elif bias is not None:
             y = y + _cast(bias, y.dtype)
-        act = self._activation()
-        if act in _FUSED:
-            return layer.activation(y) if act != "linear" else y
-        y = self._act("pre_activation", y, training)
-        if self._hard_activation() is not None:
-            return self._hard(y, training)
-        return layer.activation(y)
+        if self._activation() not in _FUSED:
+            y = self._act("pre_activation", y, training)
+            if self._hard_activation() is not None:
+                return self._hard(y, training)
+        return layer.activation(y)  # linear is the identity
 
     def _recompute(self, x, kernels, training):
         """The layer's op(s), by its registry `qat_forward`, on its fake-quantized kernels."""

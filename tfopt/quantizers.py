@@ -4,13 +4,8 @@ Each quantizer is a pure function plus a thin serializable class, the way the
 converter and the int8 kernels see numbers: `fake_quant` (the op the TFLite
 converter reads the int8 scales from), `symmetric_range` (weights) and
 `moving_average_range` (activations); the formulas are in their docstrings.
-
 The classes (`LastValueQuantizer`, `MovingAverageQuantizer`,
-`FixedRangeQuantizer`) follow TFMOT's `Quantizer` interface: ``build(shape,
-name, layer)`` creates the variables the quantizer needs on `layer` and returns
-them as a dict; ``__call__(inputs, training, weights)`` returns the
-fake-quantized tensor (and, in training, updates the range variables in-graph).
-They are serializable with a flat `get_config`.
+`FixedRangeQuantizer`) follow TFMOT's `Quantizer` interface (see `Quantizer`).
 """
 
 import numbers
@@ -102,8 +97,7 @@ def _fake_quant_tf_gradient(x, min_value, max_value, num_bits, narrow_range, axi
     worth of gradient on those values.
     """
     x = ops.convert_to_tensor(x)
-    lo = ops.convert_to_tensor(min_value, "float32")
-    hi = ops.convert_to_tensor(max_value, "float32")
+    lo, hi = ops.convert_to_tensor(min_value, "float32"), ops.convert_to_tensor(max_value, "float32")
     rank = len(x.shape)
     axis = None if axis is None else axis % rank
 
@@ -114,8 +108,7 @@ def _fake_quant_tf_gradient(x, min_value, max_value, num_bits, narrow_range, axi
         )
         nudged_min, nudged_max = _nudged_range(lo, hi, num_bits, narrow_range)
         if axis is not None:
-            shape = [1] * rank
-            shape[axis] = -1
+            shape = [-1 if i == axis else 1 for i in range(rank)]
             nudged_min, nudged_max = ops.reshape(nudged_min, shape), ops.reshape(nudged_max, shape)
         xf = ops.cast(x, "float32")
         inside = ops.logical_and(ops.greater_equal(xf, nudged_min), ops.less_equal(xf, nudged_max))
@@ -185,9 +178,12 @@ def moving_average_range(x, min_var, max_var, initialized_var, ema_decay, non_ne
 class Quantizer:
     """Base class: how one tensor (a weight or an activation) is fake-quantized.
 
-    Subclasses implement `build` (create the variables they need on the layer,
-    return them as a dict), `__call__` and `get_config` (by default the
-    attributes named in `_config_keys`, the constructor arguments).
+    TFMOT's `Quantizer` interface: ``build(tensor_shape, name, layer)`` creates
+    the variables the quantizer needs on `layer` and returns them as a dict;
+    ``__call__(inputs, training, weights)`` returns the fake-quantized tensor
+    (and, in training, updates the range variables in-graph). Serializable with
+    a flat `get_config` (by default the attributes named in `_config_keys`, the
+    constructor arguments).
     """
 
     _config_keys = ()
@@ -277,20 +273,14 @@ class MovingAverageQuantizer(Quantizer):
     def build(self, tensor_shape, name, layer):
         def var(suffix, value):
             return layer.add_weight(
-                name=f"{name}_{suffix}",
-                shape=(),
-                initializer=keras.initializers.Constant(value),
-                trainable=False,
-                dtype="float32",
-                # Ranges stay float32 under a mixed policy (mixed_float16): no autocast to the compute dtype.
-                autocast=False,
+                name=f"{name}_{suffix}", shape=(), initializer=keras.initializers.Constant(value), trainable=False,
+                dtype="float32", autocast=False,  # float32 under mixed_float16 too (see the class docstring)
                 # Under a tf.distribute strategy each replica sees its own part of the batch; "mean" all-reduces
                 # every update so all replicas (and workers) keep one identical range.
                 aggregation="mean",
             )
 
-        # Untrained ranges start at [-6, 6] only so that an untrained model
-        # still runs; the first training batch overwrites them.
+        # [-6, 6] only lets an untrained model run; the first training batch overwrites the range.
         return {"min": var("min", -6.0), "max": var("max", 6.0), "initialized": var("initialized", 0.0)}
 
     def __call__(self, inputs, training, weights):

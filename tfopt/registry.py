@@ -231,13 +231,8 @@ def register_layer(
         )
     # A registered layer with quantizable weights is run by QAT with its weights substituted (no rewrite).
     _TABLE[layer_class] = LayerSpec(
-        prunable=prunable,
-        prune_by_default=prune_by_default,
-        quantizable=quantizable,
-        quant_axis=quant_axis,
-        activation=activation,
-        sublayers=bool(sublayers),
-        qat_role="kernel" if quantizable else "compute",
+        prunable=prunable, prune_by_default=prune_by_default, quantizable=quantizable, quant_axis=quant_axis,
+        activation=activation, sublayers=bool(sublayers), qat_role="kernel" if quantizable else "compute",
     )
 
 

@@ -18,11 +18,6 @@ import numpy as np
 __all__ = ["PruningSchedule", "ConstantSparsity", "PolynomialDecay"]
 
 
-def _check_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"`{name}` must be an integer step count. Received: {name}={value!r}")
-
-
 def _check_sparsity(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
         raise TypeError(f"`{name}` must be a float in [0, 1). Received: {name}={value!r}")
@@ -35,7 +30,8 @@ def _check_sparsity(name, value):
 
 def _check_steps(begin_step, end_step, frequency, ramp):
     for name, value in (("begin_step", begin_step), ("end_step", end_step), ("frequency", frequency)):
-        _check_int(name, value)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"`{name}` must be an integer step count. Received: {name}={value!r}")
     if begin_step < 0:
         raise ValueError(f"`begin_step` must be >= 0. Received: begin_step={begin_step}")
     if end_step == -1 and ramp:
@@ -64,9 +60,9 @@ def _check_steps(begin_step, end_step, frequency, ramp):
             f"(end_step - begin_step) = {end_step - begin_step} is not a multiple of frequency={frequency}: "
             f"the last mask update happens at step {last}, not at end_step={end_step}, so the final "
             "sparsity is never applied exactly. Choose end_step = begin_step + k * frequency.",
-            UserWarning,
             stacklevel=3,
         )
+    return int(begin_step), int(end_step), int(frequency)
 
 
 class PruningSchedule:
@@ -137,11 +133,8 @@ class ConstantSparsity(PruningSchedule):
 
     def __init__(self, target_sparsity, begin_step, end_step=-1, frequency=100):
         _check_sparsity("target_sparsity", target_sparsity)
-        _check_steps(begin_step, end_step, frequency, ramp=False)
+        self.begin_step, self.end_step, self.frequency = _check_steps(begin_step, end_step, frequency, ramp=False)
         self.target_sparsity = float(target_sparsity)
-        self.begin_step = int(begin_step)
-        self.end_step = int(end_step)
-        self.frequency = int(frequency)
 
     def __call__(self, step):
         should = self._should_prune_in_step(step, self.begin_step, self.end_step, self.frequency)
@@ -184,13 +177,10 @@ class PolynomialDecay(PruningSchedule):
         _check_sparsity("final_sparsity", final_sparsity)
         if isinstance(power, bool) or not isinstance(power, (int, float, np.integer, np.floating)) or not power > 0:
             raise ValueError(f"`power` must be a number > 0 (3 is the usual cubic ramp). Received: power={power!r}")
-        _check_steps(begin_step, end_step, frequency, ramp=True)
+        self.begin_step, self.end_step, self.frequency = _check_steps(begin_step, end_step, frequency, ramp=True)
         self.initial_sparsity = float(initial_sparsity)
         self.final_sparsity = float(final_sparsity)
-        self.begin_step = int(begin_step)
-        self.end_step = int(end_step)
         self.power = power
-        self.frequency = int(frequency)
 
     def sparsity_at(self, step):
         """The ramp value at `step`, whether or not masks update there.
