@@ -92,6 +92,10 @@ def write_results(name, payload):
     return path
 
 
+# CPU instructions int8 kernels use for dot products (x86: VNNI, AMX; ARM: SDOT, I8MM), with the vector widths.
+INT8_FEATURES = {"avx2", "avx512f", "avx512_vnni", "avx512bw", "avx_vnni", "amx_int8", "asimddp", "i8mm", "sve"}
+
+
 def machine_info(extra=None):
     """CPU count, platform, Python and (given by the caller) library versions."""
     info = {
@@ -106,8 +110,9 @@ def machine_info(extra=None):
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    info["cpu_model"] = line.split(":", 1)[1].strip()
-                    break
+                    info.setdefault("cpu_model", line.split(":", 1)[1].strip())
+                if line.startswith(("flags", "Features")):  # x86, ARM
+                    info["cpu_int8_features"] = sorted(set(line.split(":", 1)[1].split()) & INT8_FEATURES)
     except OSError:
         pass
     info.update(extra or {})

@@ -162,3 +162,21 @@ def test_older_runtime_drops_newer_ops(rep):
     old = te.edgetpu_report(tfl, min_runtime_version=12)
     assert old.first_unmapped.op == "PRELU" and "runtime >= 13" in old.first_unmapped.reason
     assert np.all(np.isfinite(tfl.predict(rep[:2])))
+
+
+@pytest.mark.slow
+def test_transformer_report_names_the_gelu_blocker_and_the_replacements():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 16), name="tokens")
+    h = keras.layers.MultiHeadAttention(2, 8, name="mha")(inputs, inputs)
+    h = keras.layers.LayerNormalization(name="ln")(inputs + h)
+    h = keras.layers.Dense(32, activation="gelu", name="mlp")(h)
+    model = keras.Model(inputs, keras.layers.Dense(4, name="logits")(keras.layers.GlobalAveragePooling1D()(h)))
+    x = np.random.default_rng(0).normal(size=(32, 8, 16)).astype("float32")
+    tfl = te.convert(model, representative_data=x, quiet=True)  # fully int8 on phones
+    report = te.edgetpu_report(tfl)
+    assert any(b.startswith("GELU (builtin code 150)") and "replace it: ReLU" in b for b in report.blockers)
+    verdicts = {v.op: v for v in report.ops}
+    assert "replacement: ReLU" in verdicts["GELU"].reason and not verdicts["GELU"].mapped
+    assert "attention's two matmuls run on the CPU" in verdicts["BATCH_MATMUL"].reason
+    assert verdicts["RSQRT"].mappable  # LayerNormalization's int8 form is in Coral's table

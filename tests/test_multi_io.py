@@ -255,15 +255,13 @@ def test_bert_classifier_float16_and_dynamic_match_keras(bert, bert_x, mode, kin
 
 
 @pytest.mark.slow
-def test_bert_int8_fails_naming_the_float_ops(bert, bert_x):
-    with pytest.raises(te.ConversionError, match=r"float ops in the integer graph: .*NEG x5") as info:
-        te.convert(bert, representative_data=bert_x, quiet=True)
-    assert "layer_norm" in str(info.value) and "Received: target='mobile', mode='int8'" in str(info.value)
-    with pytest.warns(UserWarning, match="NEG"):
-        tfl = te.convert(bert, representative_data=bert_x, strict=False, quiet=True)
-    assert tfl.report.kind == "mixed"
-    assert all(io["dtype"] == "int32" for io in tfl.report.inputs)
-    assert np.isfinite(tfl.predict(bert_x)).all()
+def test_bert_classifier_int8_post_training(bert, bert_x):
+    # LayerNormalization and the attention's padding mask run in their int8 forms: no float op is left.
+    tfl = te.convert(bert, representative_data=bert_x, quiet=True)
+    assert tfl.report.kind == "int8" and not tfl.report.float_leaks
+    assert all(io["dtype"] == "int32" and io["scale"] is None for io in tfl.report.inputs)
+    comparison = te.compare(bert, tfl, bert_x)  # measured: agreement 16/16, p99 3.8 output steps (untrained, PTQ)
+    assert comparison.top1_agreement >= 15 / 16 and comparison.p99_error_steps <= 6
 
 
 # --- the command line ----------------------------------------------------------------------------

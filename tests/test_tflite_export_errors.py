@@ -165,3 +165,30 @@ def test_convert_refuses_a_file_xnnpack_cannot_run():
         np.testing.assert_array_equal(a, v.numpy())
     hi.assign(1.0)  # a sane range converts
     assert len(te.convert(qat, quiet=True).content) > 0
+
+
+def _rnn(layer_type, unroll):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((12, 6), name="rows")
+    return keras.Model(inputs, keras.layers.Dense(3)(layer_type(8, unroll=unroll, name="rnn")(inputs)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layer_type", [keras.layers.LSTM, keras.layers.GRU], ids=["lstm", "gru"])
+def test_rnn_calibration_is_refused_before_it_can_crash_the_process(layer_type):
+    # TFLite's calibrator segfaults on the WHILE loop of a Keras 3 RNN; this process must survive and be told why.
+    model = _rnn(layer_type, unroll=False)
+    x = np.random.default_rng(0).normal(size=(16, 12, 6)).astype("float32")
+    with pytest.raises(ValueError, match=r"while loop \('rnn'.*not unrolled.*unroll=True.*mode='dynamic' or 'float16'"):
+        te.convert(model, representative_data=x, quiet=True)
+    tfl = te.convert(model, mode="float16", quiet=True)  # the way out the error names
+    assert te.compare(model, tfl, x).top1_agreement == 1.0
+
+
+@pytest.mark.slow
+def test_unrolled_gru_calibrates_fully_int8():
+    model = _rnn(keras.layers.GRU, unroll=True)
+    x = np.random.default_rng(0).normal(size=(32, 12, 6)).astype("float32")
+    tfl = te.convert(model, representative_data=x, quiet=True)
+    assert tfl.report.kind == "int8"
+    assert te.compare(model, tfl, x).top1_agreement >= 0.9

@@ -25,7 +25,7 @@ import keras
 import numpy as np
 
 import tfopt
-from tfopt import _checks, _wrappers
+from tfopt import _checks, _int8_forms, _wrappers
 from tfopt.tflite_export import _flatbuffer, _structure, analysis as _analyze, edgetpu as _edgetpu, micro as _micro
 from tfopt.tflite_export import runtime as _runtime
 from tfopt.tflite_export._errors import ConversionError
@@ -41,16 +41,17 @@ class _Mode(NamedTuple):
 
     io_dtypes: tuple  # the dtypes of the model's float inputs and outputs, the default first
     activations: str = None  # integer modes: the dtype of every activation
-    constants: tuple = ()  # integer modes: the dtypes constants may have
+    constants: tuple = ()  # integer modes: the dtypes constants may have (bool: a constant mask, e.g. causal)
     ops_set: str = None  # integer modes: the converter's `tf.lite.OpsSet` for calibrated (not QAT) models
 
 
 _MODES = {
-    "int8": _Mode(("int8", "uint8", "float32"), "int8", ("int8", "int32", "int64"), "TFLITE_BUILTINS_INT8"),
+    "int8": _Mode(("int8", "uint8", "float32"), "int8", ("int8", "int32", "int64", "bool"),
+                  "TFLITE_BUILTINS_INT8"),
     "float16": _Mode(("float32",)),
     "dynamic": _Mode(("float32",)),
     "float32": _Mode(("float32",)),
-    "int16x8": _Mode(("float32", "int16"), "int16", ("int8", "int16", "int32", "int64"),
+    "int16x8": _Mode(("float32", "int16"), "int16", ("int8", "int16", "int32", "int64", "bool"),
                      "EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8"),
 }
 MODES = tuple(_MODES)
@@ -370,11 +371,9 @@ def _layer_resolver(model, output_names=()):
             return outputs[tensor_name]
         for part in reversed(tensor_name.split(";")):
             for scope in part.split("/")[1:-1] or part.split("/")[:1]:
-                if scope in names:
-                    return scope
-                base = re.sub(r"_\d+$", "", scope)
-                if base in names:
-                    return base
+                for name in (scope, re.sub(r"_\d+$", "", scope)):
+                    if name in names:
+                        return name
         return _flatbuffer.layer_of(tensor_name)
 
     return resolve
@@ -460,7 +459,7 @@ def _samples(data, specs, max_samples):
     return samples, _with_shapes(specs, samples)
 
 
-def _check_calibration(qat, mode, samples):
+def _check_calibration(qat, mode, samples, loops):
     if qat and mode != "int8":
         raise ValueError(
             "This is a quantization-aware (fake-quant) model; it converts with mode='int8' only. "
@@ -472,6 +471,14 @@ def _check_calibration(qat, mode, samples):
             "calibrate the int8 ranges (e.g. representative_data=x_train[:300]), or train it with QAT first "
             "(tfopt.quantize_model). Received: representative_data=None"
         )
+    if _MODES[mode].activations and not qat and loops:
+        # TFLite's calibrator dies with a segmentation fault on a WHILE loop (Keras 3 LSTM / GRU), with the caller.
+        raise ValueError(
+            f"mode={mode!r} calibrates the model, and calibrating a while loop ({', '.join(map(repr, loops))}: "
+            "an RNN layer that is not unrolled) crashes TensorFlow Lite's calibrator along with this Python "
+            "process, so tfopt does not run it. Build the LSTM / GRU / SimpleRNN layers with unroll=True (the "
+            "sequence length must be fixed), or convert with mode='dynamic' or 'float16'. Received: mode={mode!r}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,12 +488,13 @@ def _check_calibration(qat, mode, samples):
 class _Traced(NamedTuple):
     """What the converter converts, and its I/O."""
 
-    source: object  # (concrete function, trackable holding its variables), or a SavedModel directory
+    converter: object  # () -> the `TFLiteConverter` of the traced function or the re-exported SavedModel
     output_kind: str
     output_names: list  # in the order of the converted model's outputs
     output_dtypes: list
     order: list  # the input names in the function's argument order, for calibration lists; None: dicts by name
     fake_quant: bool  # the graph has fake-quant ops (a QAT model)
+    loops: list  # the names of its while loops (RNN layers that are not unrolled)
 
 
 def _tensor_names(specs):
@@ -506,8 +514,13 @@ def _has_fake_quant(graph_def):
     return any(n.op in _FAKE_QUANT_OPS for n in nodes)
 
 
+def _loops(graph_def):
+    return [n.name for n in graph_def.node if n.op in ("While", "StatelessWhile")]
+
+
 def _trace_keras(model, kind, specs):
-    """`model(x, training=False)` traced on static batch-1 signatures, `x` in the model's input structure.
+    """`model(x, training=False)` traced on static batch-1 signatures, `x` in the model's input structure, with
+    LayerNormalization, Softmax and MultiHeadAttention in their int8-friendly forms (`tfopt._int8_forms`).
 
     The trackable is the `ExportArchive`, which holds the variables: `trackable_obj=model` silently drops
     Keras 3 weights (a NaN model).
@@ -518,14 +531,16 @@ def _trace_keras(model, kind, specs):
         tensor_specs if kind == "list" else tensor_specs[0])
     archive = keras.export.ExportArchive()
     archive.track(model)
-    fn = archive.add_endpoint("serve", functools.partial(model.__call__, training=False), [arg])
-    concrete = fn.get_concrete_function()
+    with _int8_forms.forms(model):  # traced as int8 kernels can run it; the model is as it was afterwards
+        fn = archive.add_endpoint("serve", functools.partial(model.__call__, training=False), [arg])
+        concrete = fn.get_concrete_function()
     out_kind, out_names = _structure.outputs_of(concrete.structured_outputs, getattr(model, "output_names", None))
     dtypes = [t.dtype.name for t in tf.nest.flatten(concrete.structured_outputs)]
     names = _tensor_names(specs)
     order = [names.get(t.name.split(":")[0]) for t in concrete.inputs if t.dtype != tf.resource]
-    return _Traced((concrete, archive), out_kind, out_names, dtypes, _structure.in_order(order, names.values()),
-                   _has_fake_quant(concrete.graph.as_graph_def()))
+    return _Traced(functools.partial(tf.lite.TFLiteConverter.from_concrete_functions, [concrete], archive),
+                   out_kind, out_names, dtypes, _structure.in_order(order, names.values()),
+                   _has_fake_quant(concrete.graph.as_graph_def()), _loops(concrete.graph.as_graph_def()))
 
 
 def _export_saved_model(saved, specs, directory):
@@ -546,30 +561,25 @@ def _export_saved_model(saved, specs, directory):
 
     tf.saved_model.save(module, directory, signatures={"serving_default": serve})
     outputs = sorted(sig.structured_outputs)
-    return _Traced(directory, "dict", outputs, [sig.structured_outputs[k].dtype.name for k in outputs], None,
-                   _has_fake_quant(serve.get_concrete_function().graph.as_graph_def()))
+    return _Traced(functools.partial(tf.lite.TFLiteConverter.from_saved_model, directory), "dict", outputs,
+                   [sig.structured_outputs[k].dtype.name for k in outputs], None,
+                   _has_fake_quant(serve.get_concrete_function().graph.as_graph_def()),
+                   _loops(serve.get_concrete_function().graph.as_graph_def()))
 
 
 def _rep_dataset(samples, order, quiet):
-    """The calibration generator: one sample at a time, a list in `order` or (`order=None`) a dict by name."""
-
-    def gen():
-        n = len(next(iter(samples.values())))
-        bar = keras.utils.Progbar(n, verbose=0 if quiet else 1, unit_name="sample")
-        for i in range(n):
-            sample = {name: x[i : i + 1] for name, x in samples.items()}
-            yield sample if order is None else [sample[name] for name in order]
-            bar.update(i + 1)
-
-    return gen
+    """The calibration samples one at a time, each a list in `order` or (`order=None`) a dict by name."""
+    n = len(next(iter(samples.values())))
+    bar = keras.utils.Progbar(n, verbose=0 if quiet else 1, unit_name="sample")
+    for i in range(n):
+        sample = {name: x[i : i + 1] for name, x in samples.items()}
+        yield sample if order is None else [sample[name] for name in order]
+        bar.update(i + 1)
 
 
 def _run_converter(traced, mode, io_dtype, qat, samples, quiet):
     tf = _tf()
-    if isinstance(traced.source, tuple):
-        converter = tf.lite.TFLiteConverter.from_concrete_functions([traced.source[0]], traced.source[1])
-    else:
-        converter = tf.lite.TFLiteConverter.from_saved_model(traced.source)
+    converter = traced.converter()
     if mode != "float32":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if mode == "float16":
@@ -578,7 +588,7 @@ def _run_converter(traced, mode, io_dtype, qat, samples, quiet):
         # The converter sets these on float inputs and outputs only: integer ones (token ids) stay integer.
         converter.inference_input_type = converter.inference_output_type = tf.as_dtype(io_dtype)
     if _MODES[mode].activations and not qat:  # not for QAT: TFLITE_BUILTINS_INT8 demands a representative dataset
-        converter.representative_dataset = _rep_dataset(samples, traced.order, quiet)
+        converter.representative_dataset = functools.partial(_rep_dataset, samples, traced.order, quiet)
         converter.target_spec.supported_ops = [getattr(tf.lite.OpsSet, _MODES[mode].ops_set)]
     try:
         return converter.convert()
@@ -676,8 +686,9 @@ def _verify(content, *, target, mode, io_dtype, layer, integer_io=()):
     return ConversionError(
         f"The converted model is not what target={target!r}, mode={mode!r} asked for: " + "; ".join(problems[:8])
         + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else "")
-        + ". Layers without an integer TFLite kernel (e.g. LayerNormalization, GELU) leave float ops; replace "
-        f"them or use mode='float16'. Received: target={target!r}, mode={mode!r}, io_dtype={io_dtype!r}"
+        + ". Layers without an integer TFLite kernel (a custom layer's own math, an LSTM's gate split) leave "
+        "float ops; replace them or use mode='float16'. "
+        f"Received: target={target!r}, mode={mode!r}, io_dtype={io_dtype!r}"
     )
 
 
@@ -733,6 +744,9 @@ def convert(model, *, target="mobile", mode="int8", representative_data=None, io
             the per-op report and with `strict=True` an op that would not map is an error.
         "micro": TensorFlow Lite Micro: int8; the model is run in TFLM (in a subprocess) on the
             calibration samples and must give LiteRT's outputs; `.arena_bytes` is the smallest arena.
+
+    LayerNormalization, masked Softmax and MultiHeadAttention are traced in int8-friendly forms (the same
+    outputs to float rounding, see `tfopt._int8_forms`): transformers then calibrate and convert fully int8.
 
     Every result is verified: I/O dtypes as asked, static batch 1, every output finite on LiteRT, and
     for `mode="int8"` every tensor int8 (int32 bias), no QUANTIZE/DEQUANTIZE to or from float inside
@@ -792,7 +806,7 @@ def convert(model, *, target="mobile", mode="int8", representative_data=None, io
     with tempfile.TemporaryDirectory(prefix="tfopt-export-", ignore_cleanup_errors=True) as tmp:  # for a SavedModel
         traced = _trace_keras(keras_model, kind, specs) if saved is None else _export_saved_model(saved, specs, tmp)
         qat = (keras_model is not None and tfopt.is_quantized_model(keras_model)) or traced.fake_quant
-        _check_calibration(qat, mode, samples)
+        _check_calibration(qat, mode, samples, [_layer_resolver(keras_model)(n) or n for n in traced.loops])
         content = _with_names(_run_converter(traced, mode, io_dtype, qat, samples, quiet), kind, specs, traced)
     layer = _layer_resolver(keras_model, traced.output_names)
     integer_io = {s.name for s in specs if s.is_integer} | {

@@ -43,6 +43,19 @@ SUPPORTED_OPS = {
 # libedgetpu#71 (EXP v2). Ops not listed are not version-checked.
 MAX_OP_VERSIONS = {"CONV_2D": 5, "TRANSPOSE_CONV": 3, "QUANTIZE": 2, "EXP": 1}
 
+# Ops newer than the compiler's own op list: it cannot parse the file at all ("Op builtin_code out of range: 150"
+# for GELU, google-coral/edgetpu#818), so one of them rejects the whole model.
+UNPARSEABLE_OPS = {"GELU": 150}
+
+# What to train with instead of an op the Edge TPU does not map, where a mapped replacement exists.
+REPLACEMENTS = {
+    "GELU": "ReLU (Activation('relu') maps; retrain or fine-tune after the swap)",
+    "HARD_SWISH": "ReLU6 or ReLU",
+    "LEAKY_RELU": "PReLU(shared_axes=[1, 2]) or ReLU",
+    "ELU": "ReLU",
+    "BATCH_MATMUL": "none: attention's two matmuls run on the CPU; a convolutional model maps whole",
+}
+
 # Parameters beyond this are streamed from host memory on every inference (Coral: ~8 MB cache).
 ON_CHIP_CACHE_BYTES = 8 * 1024 * 1024
 
@@ -179,9 +192,7 @@ def _const(fm, sg, t):
 
 def _axes(fm, sg, op, slot, rank):
     v = _const(fm, sg, op.inputs[slot]) if len(op.inputs) > slot else None
-    if v is None:
-        return None
-    return {int(a) % rank if rank else int(a) for a in np.ravel(v)}
+    return None if v is None else {int(a) % rank if rank else int(a) for a in np.ravel(v)}
 
 
 def _op_rule(fm, sg, op, runtime):
@@ -193,7 +204,8 @@ def _op_rule(fm, sg, op, runtime):
     if name == "DEQUANTIZE":  # what the compiler logs for it (coral#13, #659)
         return False, DATA_TYPE, "DEQUANTIZE produces float (float outputs); use int8 I/O"
     if name not in SUPPORTED_OPS:
-        return False, NOT_SUPPORTED, f"{name} is not in Coral's supported-ops table"
+        instead = f"; replacement: {REPLACEMENTS[name]}" if name in REPLACEMENTS else ""
+        return False, NOT_SUPPORTED, f"{name} is not in Coral's supported-ops table{instead}"
     if SUPPORTED_OPS[name] > runtime:
         return False, NOT_SUPPORTED, f"{name} needs Edge TPU runtime >= {SUPPORTED_OPS[name]} (compiler -m)"
     live = [tensors[t] for t in op.inputs + op.outputs if t >= 0 and not tensors[t].is_constant]
@@ -301,6 +313,9 @@ def _blockers(fm, sg):
     if len(fm.subgraphs) > 1:
         out.append(f"{len(fm.subgraphs)} subgraphs (control flow); the Edge TPU compiler maps one")
     for name, version, _ in fm.op_codes:
+        if name in UNPARSEABLE_OPS:
+            out.append(f"{name} (builtin code {UNPARSEABLE_OPS[name]}) is newer than the compiler, which then "
+                       f"rejects the whole model; replace it: {REPLACEMENTS[name]}")
         if name in MAX_OP_VERSIONS and version > MAX_OP_VERSIONS[name]:
             out.append(
                 f"{name} version {version} is newer than the compiler can parse (max {MAX_OP_VERSIONS[name]}; "
@@ -352,12 +367,10 @@ def parse_compiler_log(text):
             "This does not look like an edgetpu_compiler log (no version line, no 'Number of operations' "
             f"line, no 'Operator Count Status' table). Received: text={text[:80]!r}"
         )
-    n_tpu = int(tpu.group(1)) if tpu else sum(c for _, c, s in rows if s == MAPPED)
-    n_cpu = int(cpu.group(1)) if cpu else sum(c for _, c, s in rows if s != MAPPED)
     return CompilerLog(
         version=version.group(1) if version else "",
-        ops_on_tpu=n_tpu,
-        ops_on_cpu=n_cpu,
+        ops_on_tpu=int(tpu.group(1)) if tpu else sum(c for _, c, s in rows if s == MAPPED),
+        ops_on_cpu=int(cpu.group(1)) if cpu else sum(c for _, c, s in rows if s != MAPPED),
         rows=rows,
         on_chip_bytes=_bytes(text, "On-chip memory used for caching model parameters"),
         on_chip_remaining_bytes=_bytes(text, "On-chip memory remaining for caching model parameters"),
@@ -452,7 +465,7 @@ def check_converted(content, samples, layer):
     return report, EdgeTPUError(
         "Some ops would not run on the Edge TPU, so from the first of them on the model runs on the CPU: "
         + "; ".join(lines)
-        + ". Replace those layers (e.g. LeakyReLU / hard_swish -> ReLU or PReLU(shared_axes=[1, 2]); Dense on a "
-        "3-D input -> Flatten or GlobalAveragePooling first), or pass strict=False to get the model and the "
-        "report anyway. Received: target='edgetpu', strict=True"
+        + ". Replace those layers (e.g. GELU -> ReLU; LeakyReLU / hard_swish -> ReLU or PReLU(shared_axes=[1, 2]);"
+        " Dense on a 3-D input -> Flatten or GlobalAveragePooling first), or pass strict=False to get the model"
+        " and the report anyway. Received: target='edgetpu', strict=True"
     )

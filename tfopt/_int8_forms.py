@@ -1,0 +1,95 @@
+"""Int8-friendly forward passes of layers whose stock Keras forward has no int8 TFLite kernel path.
+
+Two stock forwards keep a float tensor inside an otherwise int8 graph, or ruin its calibration:
+
+- `LayerNormalization` computes `x * inv - mean * inv`; the converter lowers `-mean` to a NEG that has no int8
+  kernel, so the file carries DEQUANTIZE -> float NEG -> QUANTIZE. The same statistics written as
+  `(x - mean) * rsqrt(mean((x - mean)^2) + eps)` lower to SUB, MUL, MEAN, ADD, RSQRT: every one has an int8 kernel.
+- `Softmax` with a mask fills masked scores with -1e9. Calibration then gives the filled tensor a range of 1e9, and
+  int8's 255 steps of 4e6 erase every real score. Filling with `min(scores) - MASK_MARGIN` instead keeps the range
+  at the scores' own span plus `MASK_MARGIN`; each masked position takes at most `exp(-MASK_MARGIN)` of the
+  smallest kept weight from the normalization, far under half an int8 step of the softmax output (1/512), and is
+  then set to 0 as Keras does.
+
+`MultiHeadAttention` is switched to Keras' explicit attention path so that its Softmax, not a fused kernel, applies
+the mask. `forms(model)` installs these forwards on every stock layer inside `model` (composite layers and subclassed models
+included) for the duration of a `with` block, and restores the layers' own forwards after it, so a conversion traced
+inside the block sees the int8-friendly graph and the user's model is left as it was.
+"""
+
+import contextlib
+import types
+
+import keras
+from keras import ops
+
+from tfopt import _graph
+
+MASK_MARGIN = 12.0  # exp(-12) = 6e-6: what a masked score can take from the normalization, far below 1/512
+
+
+def _broadcast(layer, value, shape):
+    axes = {axis % len(shape) for axis in ([layer.axis] if isinstance(layer.axis, int) else layer.axis)}
+    return ops.reshape(ops.cast(value, "float32"), [shape[i] if i in axes else 1 for i in range(len(shape))])
+
+
+def layer_normalization(layer, inputs):
+    """`LayerNormalization` without a negation: SUB, MUL, MEAN, ADD, RSQRT; Keras' result to float rounding."""
+    x = ops.cast(inputs, "float32")
+    centred = x - ops.mean(x, axis=layer.axis, keepdims=True)
+    inverse = ops.rsqrt(ops.mean(centred * centred, axis=layer.axis, keepdims=True) + layer.epsilon)
+    # Keras' rms_scaling divides the uncentred input by the standard deviation and ignores beta.
+    y = (x if layer.rms_scaling else centred) * inverse
+    if layer.gamma is not None:
+        y = y * _broadcast(layer, layer.gamma, x.shape)
+    if layer.beta is not None and not layer.rms_scaling:
+        y = y + _broadcast(layer, layer.beta, x.shape)
+    return ops.cast(y, layer.compute_dtype)
+
+
+def softmax(layer, inputs, mask=None):
+    """`Softmax` whose masked scores are `min(scores) - MASK_MARGIN` instead of -1e9; masked outputs are 0 as in Keras."""
+    if mask is None:
+        return keras.layers.Softmax.call(layer, inputs)
+    keep = mask if keras.backend.standardize_dtype(mask.dtype) == "bool" else ops.greater(mask, 0.5)
+    floor = ops.min(inputs, axis=layer.axis, keepdims=True) - MASK_MARGIN
+    return ops.where(keep, keras.layers.Softmax.call(layer, ops.where(keep, inputs, floor)), 0.0)
+
+
+def attention(layer, query, key, value, attention_mask=None, training=None, return_attention_scores=False, **kwargs):
+    """`MultiHeadAttention` on Keras' explicit path (einsum, masked Softmax, einsum), whose Softmax runs in its int8
+    form; the fused `ops.dot_product_attention` Keras takes otherwise fills masked scores with -1e9 itself."""
+    # Keras takes the explicit path whenever the scores are asked for.
+    output, scores = keras.layers.MultiHeadAttention._compute_attention(
+        layer, query, key, value, attention_mask, training, True, **kwargs
+    )
+    return output, scores if return_attention_scores else None
+
+
+# (stock class, method, int8-friendly replacement). Only layers still running the stock method are switched: a
+# subclass that overrides it computes something else, and the converter's int8 check reports what it lowers to.
+FORMS = (
+    (keras.layers.LayerNormalization, "call", layer_normalization),
+    (keras.layers.Softmax, "call", softmax),
+    (keras.layers.MultiHeadAttention, "_compute_attention", attention),
+)
+
+
+@contextlib.contextmanager
+def forms(model):
+    """Runs every stock layer of `FORMS` inside `model` in its int8-friendly form within the block.
+
+    Yields the layers switched; on leaving the block (an error included) every layer runs its own forward again.
+    """
+    switched = []
+    try:
+        for layer in [model, *_graph.sublayers(model)]:
+            for cls, method, form in FORMS:
+                stock = isinstance(layer, cls) and getattr(type(layer), method) is getattr(cls, method)
+                if stock and method not in vars(layer) and not getattr(layer, "_flash_attention", False):
+                    object.__setattr__(layer, method, types.MethodType(form, layer))
+                    switched.append((layer, method))
+        yield [layer for layer, _ in switched]
+    finally:
+        for layer, method in switched:
+            object.__delattr__(layer, method)
