@@ -452,6 +452,20 @@ def _transformer(lines):
             f"{_pct(r['int8_acc']['mean'])} ± {100 * r['int8_acc']['std']:.2f} | {r['drop_points']:+.2f} points | "
             f"{_pct(r['agreement']['mean'])} | {r['p99_steps']['mean']:.1f} / {r['max_steps']['mean']:.1f} |"
         )
+    lines.append("")
+    for name, label in (("transformer", "encoder"), ("causal_transformer", "causal encoder")):
+        r = d[name]
+        if r.get("int16x8_error"):
+            message = r["int16x8_error"].split("The TFLite converter failed (RuntimeError): ")[-1]
+            lines.append(f"16-bit activations (`mode=\"int16x8\"`), {label}: does not convert: {message}\n")
+            continue
+        if "int16x8_acc" not in r:
+            continue
+        lines.append(
+            f"16-bit activations (`mode=\"int16x8\"`), {label}: {_pct(r['int16x8_acc']['mean'])} accuracy, "
+            f"{_pct(r['int16x8_agreement']['mean'])} top-1 agreement with Keras, max |error| "
+            f"{r['int16x8_max_abs_error']['mean']:.3f} (int8: {r['int8_max_abs_error']['mean']:.3f}).\n"
+        )
     r = d["transformer"]
     lat, row = r["latency"], r["rows"][0]
     lines.append("")

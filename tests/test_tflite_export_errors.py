@@ -184,11 +184,3 @@ def test_rnn_calibration_is_refused_before_it_can_crash_the_process(layer_type):
     tfl = te.convert(model, mode="float16", quiet=True)  # the way out the error names
     assert te.compare(model, tfl, x).top1_agreement == 1.0
 
-
-@pytest.mark.slow
-def test_unrolled_gru_calibrates_fully_int8():
-    model = _rnn(keras.layers.GRU, unroll=True)
-    x = np.random.default_rng(0).normal(size=(32, 12, 6)).astype("float32")
-    tfl = te.convert(model, representative_data=x, quiet=True)
-    assert tfl.report.kind == "int8"
-    assert te.compare(model, tfl, x).top1_agreement >= 0.9
