@@ -12,7 +12,8 @@ LayerNormalization), global average pooling, Dense(10). Trained in float for 6 e
 converted by `tfopt.tflite_export.convert` with `representative_data` = 300 training sequences (int8, int8 I/O)
 and by `mode="float32"`. Reported for 3 seeds: float Keras accuracy,
 int8 TFLite accuracy, the drop, top-1 agreement and output error between Keras and the int8 file on the 1,000 test
-sequences, the same for `mode="int16x8"` (16-bit activations, 8-bit weights; float32 I/O), the two files' sizes, and their LiteRT XNNPACK latency on 1 thread (median of blocks interleaved).
+sequences, the same for `mode="int16x8"` (16-bit activations, 8-bit weights; float32 I/O), the two files'
+sizes, and their LiteRT XNNPACK latency on 1 thread (median of blocks interleaved).
 The same for a causal variant (`use_causal_mask=True`), the case whose mask fill used to break int8 calibration.
 """
 

@@ -47,10 +47,12 @@ def test_masked_softmax_matches_keras(mask_dtype):
     layer = L.Softmax(axis=-1)
     masked = mask.astype(mask_dtype)
     expected = ops.convert_to_numpy(layer(scores, mask=masked))
-    got = ops.convert_to_numpy(_int8_forms.softmax(layer, ops.convert_to_tensor(scores), ops.convert_to_tensor(masked)))
+    scores_t, masked_t = ops.convert_to_tensor(scores), ops.convert_to_tensor(masked)
+    got = ops.convert_to_numpy(_int8_forms.softmax(layer, scores_t, masked_t))
     np.testing.assert_allclose(got, expected, atol=1e-4)
     assert (got[np.broadcast_to(~mask, got.shape)] == 0).all()
-    np.testing.assert_allclose(got.sum(axis=-1)[np.broadcast_to(mask.any(axis=-1), got.shape[:-1])], 1, atol=6 * np.exp(-_int8_forms.MASK_MARGIN))
+    kept_rows = np.broadcast_to(mask.any(axis=-1), got.shape[:-1])
+    np.testing.assert_allclose(got.sum(axis=-1)[kept_rows], 1, atol=6 * np.exp(-_int8_forms.MASK_MARGIN))
 
 
 def test_masked_softmax_range_is_the_scores_span():

@@ -11,10 +11,10 @@ Two stock forwards keep a float tensor inside an otherwise int8 graph, or ruin i
   smallest kept weight from the normalization, far under half an int8 step of the softmax output (1/512), and is
   then set to 0 as Keras does.
 
-`MultiHeadAttention` is switched to Keras' explicit attention path so that its Softmax, not a fused kernel, applies
-the mask. `forms(model)` installs these forwards on every stock layer inside `model` (composite layers and subclassed models
-included) for the duration of a `with` block, and restores the layers' own forwards after it, so a conversion traced
-inside the block sees the int8-friendly graph and the user's model is left as it was.
+`MultiHeadAttention` is switched to Keras' explicit attention path so that its Softmax, not a fused kernel,
+applies the mask. `forms(model)` installs these forwards on every stock layer inside `model` (composite layers and
+subclassed models included) for the duration of a `with` block, and restores the layers' own forwards after it, so
+a conversion traced inside the block sees the int8-friendly graph and the user's model is left as it was.
 """
 
 import contextlib
@@ -48,7 +48,7 @@ def layer_normalization(layer, inputs):
 
 
 def softmax(layer, inputs, mask=None):
-    """`Softmax` whose masked scores are `min(scores) - MASK_MARGIN` instead of -1e9; masked outputs are 0 as in Keras."""
+    """`Softmax` with masked scores at `min(scores) - MASK_MARGIN`, not -1e9; masked outputs 0 as in Keras."""
     if mask is None:
         return keras.layers.Softmax.call(layer, inputs)
     keep = mask if keras.backend.standardize_dtype(mask.dtype) == "bool" else ops.greater(mask, 0.5)
@@ -56,8 +56,9 @@ def softmax(layer, inputs, mask=None):
     return ops.where(keep, keras.layers.Softmax.call(layer, ops.where(keep, inputs, floor)), 0.0)
 
 
-def attention(layer, query, key, value, attention_mask=None, training=None, return_attention_scores=False, **kwargs):
-    """`MultiHeadAttention` on Keras' explicit path (einsum, masked Softmax, einsum), whose Softmax runs in its int8
+def attention(layer, query, key, value, attention_mask=None, training=None, return_attention_scores=False,
+              **kwargs):
+    """`MultiHeadAttention` on Keras' explicit path (einsum, masked Softmax, einsum), its Softmax in the int8
     form; the fused `ops.dot_product_attention` Keras takes otherwise fills masked scores with -1e9 itself."""
     # Keras takes the explicit path whenever the scores are asked for.
     output, scores = keras.layers.MultiHeadAttention._compute_attention(
