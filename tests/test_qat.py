@@ -318,6 +318,22 @@ def test_every_covered_layer_type_quantizes_and_exports():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("act, op", [("gelu", "GELU"), ("silu", "LOGISTIC")], ids=["gelu", "silu"])
+def test_gelu_and_silu_train_and_export_within_one_step(act, op):
+    # Fused into Dense and as an Activation layer: the output range is learned like any other activation's.
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((16,))
+    h = L.Activation(act)(L.Dense(32)(L.Dense(32, activation=act)(inp)))
+    q = qat.quantize_model(keras.Model(inp, L.Dense(4)(h)))
+    x = np.random.default_rng(0).normal(size=(256, 16)).astype("float32")
+    _fit(q, x, np.random.default_rng(1).integers(0, 4, 256), epochs=2)
+    content = _convert(q)
+    _assert_fully_int8(content)
+    assert _op_names(content).count(op) == 2
+    _assert_matches_tflite(q, content, x, agreement=0.99)  # measured: gelu max 1.0 step, silu p99 1.0 (max 2)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["MobileNetV2", "MobileNetV3Small"])
 def test_mobilenets_quantize_and_export_fully_int8(arch):
     kwargs = dict(input_shape=(32, 32, 3), alpha=0.35 if arch == "MobileNetV2" else 0.75, weights=None, classes=10)

@@ -69,6 +69,7 @@ __all__ = ["QuantizeConfig", "QuantizeWrapper", "QuantizeLayer", "QuantizeAnnota
 L = keras.layers
 _FUSED = ("relu", "relu6", "linear")
 _HARD = ("hard_sigmoid", "hard_swish", "hard_silu")
+_SILU = ("silu", "swish")  # x * sigmoid(x): TFLite's LOGISTIC output has a fixed range, the MUL its own
 # Output ranges fixed by the int8 kernels (TFLite quantization spec).
 _FIXED_OUTPUT = {"sigmoid": (0.0, 255.0 / 256.0), "softmax": (0.0, 255.0 / 256.0), "tanh": (-1.0, 127.0 / 128.0)}
 
@@ -361,9 +362,9 @@ class QuantizeWrapper(_wrappers.TfoptWrapper):
         return fused_activation(self.layer) if self._row() is not None else _weightless_activation(self.layer)
 
     def _hard_activation(self):
-        """hard_sigmoid / hard_swish, when the wrapper computes it (not inside a layer that runs its own call)."""
+        """hard_sigmoid / hard_swish / silu, when the wrapper computes it (not in a layer that runs its own call)."""
         act = self._activation()
-        return act if act in _HARD and (self._row() is None or self._forward() is not None) else None
+        return act if act in _HARD + _SILU and (self._row() is None or self._forward() is not None) else None
 
     def _intermediate_names(self):
         names = []
@@ -374,7 +375,7 @@ class QuantizeWrapper(_wrappers.TfoptWrapper):
         rescaling = isinstance(self.layer, L.Rescaling) and self.quantize_config is None
         if rescaling and np.any(np.asarray(self.layer.offset) != 0):
             names.append("scaled")
-        if self._hard_activation() is not None:
+        if self._hard_activation() in _HARD:
             names += ["hard_relu6", "hard_sigmoid"]
         return names
 
@@ -471,8 +472,10 @@ class QuantizeWrapper(_wrappers.TfoptWrapper):
         return self._inner(inputs, training, kwargs)
 
     def _hard(self, x, training):
-        # Keras: hard_sigmoid(x) = relu6(x + 3) / 6, hard_swish(x) = x * hard_sigmoid(x).
-        # In int8 TFLite: ADD (fused RELU6), MUL, [MUL]; a range after each.
+        # Keras: hard_sigmoid(x) = relu6(x + 3) / 6, hard_swish(x) = x * hard_sigmoid(x), silu(x) = x * sigmoid(x).
+        # In int8 TFLite: ADD (fused RELU6), MUL, [MUL], or LOGISTIC (fixed output range), MUL; a range after each.
+        if self._hard_activation() in _SILU:
+            return x * FixedRangeQuantizer(*_FIXED_OUTPUT["sigmoid"])(ops.sigmoid(x), training)
         h = self._act("hard_relu6", ops.relu6(x + 3.0), training)
         h = self._act("hard_sigmoid", h * (1.0 / 6.0), training)
         return h if self._hard_activation() == "hard_sigmoid" else x * h
