@@ -438,7 +438,7 @@ def _transformer(lines):
     if not d:
         return
     lines.append(
-        "**Transformer, post-training int8** (`benchmarks/bench_transformer.py`; MNIST digits as 28 rows of 28 "
+        "**Transformers, post-training int8** (`benchmarks/bench_transformer.py`; MNIST digits as 28 rows of 28 "
         "pixels; Dense(64) rows + position embedding, 2 encoder blocks of MultiHeadAttention (4 heads) + "
         "LayerNormalization + GELU MLP, 6 float epochs; `convert(model, representative_data=x_train[:300])`; "
         "mean ± std of 3 seeds on the 1,000 test digits):\n"
@@ -466,12 +466,31 @@ def _transformer(lines):
             f"{_pct(r['int16x8_agreement']['mean'])} top-1 agreement with Keras, max |error| "
             f"{r['int16x8_max_abs_error']['mean']:.3f} (int8: {r['int8_max_abs_error']['mean']:.3f}).\n"
         )
+    if "qat_int8_acc" in d["transformer"]:
+        lines.append(
+            "**The same transformers, QAT** (`tfopt.quantize_model` of each trained float model, 2 epochs at Adam "
+            "1e-4, `convert(qat_model)` without representative data; agreement and error between the QAT Keras "
+            "model and its int8 file; drop from the float model's accuracy):\n"
+        )
+        lines.append("| model | QAT Keras | QAT int8 TFLite | drop from float | top-1 agreement | p99 / max error "
+                     "(output steps) | training epoch, QAT / float |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for name, label in (("transformer", "encoder"), ("causal_transformer", "encoder, causal mask")):
+            r = d[name]
+            lines.append(
+                f"| {label} | {_pct(r['qat_keras_acc']['mean'])} | {_pct(r['qat_int8_acc']['mean'])} ± "
+                f"{100 * r['qat_int8_acc']['std']:.2f} | {r['qat_drop_points']:+.2f} points | "
+                f"{_pct(r['qat_agreement']['mean'])} | {r['qat_p99_steps']['mean']:.1f} / "
+                f"{r['qat_max_steps']['mean']:.1f} | {r['qat_step_ratio']:.2f}x |"
+            )
+        lines.append("")
     r = d["transformer"]
     lat, row = r["latency"], r["rows"][0]
     lines.append("")
     lines.append(
         f"Size: float32 {row['float32_bytes'] / 1e3:.0f} KB, int8 {row['int8_bytes'] / 1e3:.0f} KB: "
-        f"{r['size_ratio']:.2f}x smaller (goal >= 3.5x: {_met(r['size_ratio'] >= 3.5)}). Latency, LiteRT XNNPACK "
+        f"{r['size_ratio']:.2f}x smaller (QAT int8: {row['qat_int8_bytes'] / 1e3:.0f} KB, "
+        f"{row['float32_bytes'] / row['qat_int8_bytes']:.2f}x). Latency, LiteRT XNNPACK "
         f"1 thread (CPU int8 features: {_features(d)}): int8 {lat['int8']['median_ms']:.3f} ms vs float "
         f"{lat['float']['median_ms']:.3f} ms ({lat['ratio']:.2f}x).\n"
     )

@@ -274,7 +274,7 @@ CASES = [
     Case("qat-preserve-sparsity-str", lambda w: tfopt.quantize_model(w.cnn, preserve_sparsity="yes"), TypeError, ["preserve_sparsity", "'yes'"]),
     Case("qat-filters-int", lambda w: tfopt.quantize_model(w.cnn, filters=42), TypeError, ["filters", "42"]),
     Case("qat-filters-match-nothing", lambda w: tfopt.quantize_model(w.cnn, filters="^nope$"), ValueError, ["filters", "'^nope$'", "model.summary()"]),
-    Case("qat-unknown-layer", lambda w: tfopt.quantize_model(w.custom), ValueError, ["'scale' of type _Scale", "filters"]),
+    Case("qat-recurrent-layer", lambda w: tfopt.quantize_model(keras.Sequential([keras.Input((3, 2)), keras.layers.LSTM(2, name="lstm")])), ValueError, ["'lstm' of type LSTM", "Recurrent layers", "filters="]),
     Case("qat-apply-nothing-annotated", lambda w: tfopt.quantize_apply(w.cnn), ValueError, ["no annotated layer", "quantize_annotate_layer", "'cnn'"]),
     Case("qat-annotate-model-as-layer", lambda w: tfopt.quantize_annotate_layer(w.cnn), TypeError, ["quantize_annotate_model", "Functional"]),
     Case("qat-annotate-twice", lambda w: tfopt.quantize_annotate_layer(w.annotated_layer), ValueError, ["already annotated", "annotate_dense"]),
@@ -282,6 +282,8 @@ CASES = [
     Case("qat-annotate-wrapper-of-string", lambda w: tfopt.QuantizeAnnotate("dense"), TypeError, ["layer", "'dense'"]),
     Case("qat-wrapper-of-string", lambda w: tfopt.QuantizeWrapper("dense"), TypeError, ["layer", "'dense'"]),
     Case("qat-wrapper-ema-decay", lambda w: tfopt.QuantizeWrapper(keras.layers.Dense(2), ema_decay=2.0), ValueError, ["ema_decay", "2.0"]),
+    Case("qat-composite-of-string", lambda w: tfopt.QuantizeComposite("mha"), TypeError, ["layer", "'mha'"]),
+    Case("qat-composite-ema-decay", lambda w: tfopt.QuantizeComposite(keras.layers.LayerNormalization(), ema_decay=2.0), ValueError, ["ema_decay", "2.0"]),
     Case("qat-annotate-model-quantized", lambda w: tfopt.quantize_annotate_model(w.qat), ValueError, ["already quantized", "'to_quantize_qat'"]),
     # --- fake-quant quantizers ---------------------------------------------------------------------
     Case("quantizer-bits-0", lambda w: quantizers.LastValueQuantizer(num_bits=0), ValueError, ["num_bits", "0", "2"]),

@@ -509,17 +509,28 @@ def test_error_already_quantized(cnn):
     _check_error(qat.quantize_model, q, ValueError, "already quantized", "QuantizeLayer")
 
 
+class _BlockWithBN(L.Layer):
+    """A user block holding a BatchNormalization, which QAT cannot fold inside it."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense, self.bn = L.Dense(4), L.BatchNormalization()
+
+    def call(self, x):
+        return self.bn(self.dense(x))
+
+
 def test_error_unsupported_layers_listed_once_with_fix():
     inp = keras.Input((5, 4))
-    x = L.LayerNormalization(name="ln")(inp)
+    x = L.GRU(4, return_sequences=True, name="gru")(inp)
     x = L.Add()([x, L.BatchNormalization(name="lonely_bn")(x)])
-    x = _Scale(name="scale")(x)
-    m = keras.Model(inp, L.Dense(2)(x))
-    _check_error(qat.quantize_model, m, ValueError, "'ln' of type LayerNormalization", "'lonely_bn'",
-                 "'scale' of type _Scale", "QuantizeConfig", "filters=")
+    x = _BlockWithBN(name="block")(x)
+    m = keras.Model(inp, L.Dense(2)(L.Flatten()(x)))
+    _check_error(qat.quantize_model, m, ValueError, "'gru' of type GRU", "'lonely_bn'",
+                 "'block' of type _BlockWithBN", "Recurrent layers", "QuantizeConfig", "filters=")
     # The fix works: leave them float.
-    q = qat.quantize_model(m, filters=lambda layer: layer.name not in ("ln", "lonely_bn", "scale"))
-    assert isinstance(q.get_layer("ln"), L.LayerNormalization)
+    q = qat.quantize_model(m, filters=lambda layer: layer.name not in ("gru", "lonely_bn", "block"))
+    assert isinstance(q.get_layer("gru"), L.GRU)
 
 
 def test_error_quantize_config_with_wrong_weights():

@@ -13,6 +13,7 @@ from tfopt.distillation import distill, strip_distillation
 from tfopt.low_rank import LowRankReport, low_rank_factorize, low_rank_report
 from tfopt.pruning import PruneLowMagnitude, SparsityReport, prune_low_magnitude, sparsity_report, strip_pruning
 from tfopt.qat import is_quantized_model, quantize_annotate_layer, quantize_annotate_model, quantize_apply, quantize_model
+from tfopt.qat_composite import QuantizeComposite
 from tfopt.qat_layers import QuantizeAnnotate, QuantizeConfig, QuantizeLayer, QuantizeWrapper
 from tfopt.registry import LayerSpec, register_layer
 from tfopt.schedules import ConstantSparsity, PolynomialDecay, PruningSchedule
@@ -33,6 +34,7 @@ __all__ = [
     "QuantizeConfig",
     "QuantizeLayer",
     "QuantizeWrapper",
+    "QuantizeComposite",
     "SparsityReport",
     "channel_report",
     "cluster_weights",

@@ -27,6 +27,27 @@ from tfopt import _graph
 
 MASK_MARGIN = 12.0  # exp(-12) = 6e-6: what a masked score can take from the normalization, far below 1/512
 
+_TAPS = []  # the innermost `tapping` function, if any
+
+
+@contextlib.contextmanager
+def tapping(tap):
+    """Within the block the forms pass each intermediate tensor through ``tap(layer, site, x, kind, stats)``
+    (`stats`: the tensor whose values the range is learned from, when it is not `x` itself).
+
+    `tfopt.qat_composite` taps them with fake quants (the int8 tensors of the file); outside a block they are
+    returned as they are.
+    """
+    _TAPS.append(tap)
+    try:
+        yield
+    finally:
+        _TAPS.pop()
+
+
+def _q(layer, site, x, kind="ema", stats=None):
+    return _TAPS[-1](layer, site, x, kind, stats) if _TAPS else x
+
 
 def _broadcast(layer, value, shape):
     axes = {axis % len(shape) for axis in ([layer.axis] if isinstance(layer.axis, int) else layer.axis)}
@@ -36,15 +57,26 @@ def _broadcast(layer, value, shape):
 def layer_normalization(layer, inputs):
     """`LayerNormalization` without a negation: SUB, MUL, MEAN, ADD, RSQRT; Keras' result to float rounding."""
     x = ops.cast(inputs, "float32")
-    centred = x - ops.mean(x, axis=layer.axis, keepdims=True)
-    inverse = ops.rsqrt(ops.mean(centred * centred, axis=layer.axis, keepdims=True) + layer.epsilon)
+    centred = _q(layer, "centred", x - _q(layer, "mean", ops.mean(x, axis=layer.axis, keepdims=True)))
+    square = _q(layer, "square", centred * centred)
+    variance = _q(layer, "variance", ops.mean(square, axis=layer.axis, keepdims=True))
+    variance = _q(layer, "variance_eps", variance + layer.epsilon)
+    if _TAPS:
+        # int8 rounds a near-zero variance to 0, where int8 RSQRT gives its largest value. The range is learned
+        # from the other rows (a row of zero variance would stretch it to 1/sqrt(epsilon) and more), the
+        # saturated rows take its upper end as in the file, and the gradient stays finite.
+        raw = ops.rsqrt(ops.maximum(variance, 1e-12))
+        inverse = _q(layer, "inverse", raw, stats=ops.where(variance > 0, raw, 0.0))
+    else:
+        inverse = ops.rsqrt(variance)
     # Keras' rms_scaling divides the uncentred input by the standard deviation and ignores beta.
     y = (x if layer.rms_scaling else centred) * inverse
+    beta = layer.beta is not None and not layer.rms_scaling
     if layer.gamma is not None:
-        y = y * _broadcast(layer, layer.gamma, x.shape)
-    if layer.beta is not None and not layer.rms_scaling:
-        y = y + _broadcast(layer, layer.beta, x.shape)
-    return ops.cast(y, layer.compute_dtype)
+        y = _q(layer, "normalized", y) * _broadcast(layer, layer.gamma, x.shape)
+    if beta:
+        y = _q(layer, "scaled", y) + _broadcast(layer, layer.beta, x.shape)
+    return ops.cast(y, layer.compute_dtype)  # its output is quantized by the caller
 
 
 def softmax(layer, inputs, mask=None):
@@ -52,19 +84,37 @@ def softmax(layer, inputs, mask=None):
     if mask is None:
         return keras.layers.Softmax.call(layer, inputs)
     keep = mask if keras.backend.standardize_dtype(mask.dtype) == "bool" else ops.greater(mask, 0.5)
-    floor = ops.min(inputs, axis=layer.axis, keepdims=True) - MASK_MARGIN
-    return ops.where(keep, keras.layers.Softmax.call(layer, ops.where(keep, inputs, floor)), 0.0)
+    floor = _q(layer, "floor", _q(layer, "min", ops.min(inputs, axis=layer.axis, keepdims=True)) - MASK_MARGIN)
+    filled = _q(layer, "filled", ops.where(keep, inputs, floor))
+    return ops.where(keep, _q(layer, "probs", keras.layers.Softmax.call(layer, filled), "softmax"), 0.0)
 
 
 def attention(layer, query, key, value, attention_mask=None, training=None, return_attention_scores=False,
               **kwargs):
-    """`MultiHeadAttention` on Keras' explicit path (einsum, masked Softmax, einsum), its Softmax in the int8
-    form; the fused `ops.dot_product_attention` Keras takes otherwise fills masked scores with -1e9 itself."""
-    # Keras takes the explicit path whenever the scores are asked for.
-    output, scores = keras.layers.MultiHeadAttention._compute_attention(
-        layer, query, key, value, attention_mask, training, True, **kwargs
-    )
+    """`MultiHeadAttention` on Keras' explicit path (scale, einsum, masked Softmax, dropout, einsum), its Softmax
+    in the int8 form; the fused `ops.dot_product_attention` Keras takes otherwise fills masked scores with -1e9
+    itself. The same steps as Keras' `_compute_attention` without the fused branch."""
+    if kwargs.get("use_causal_mask"):
+        causal = layer._compute_causal_mask(query, value)
+        if attention_mask is not None:
+            causal = ops.logical_and(ops.cast(attention_mask, "bool"), causal)
+        attention_mask = causal
+    query = _q(layer, "scaled_query", ops.multiply(query, ops.cast(layer._inverse_sqrt_key_dim, query.dtype)))
+    scores = _q(layer, "scores", ops.einsum(layer._dot_product_equation, key, query))
+    scores = layer._masked_softmax(scores, attention_mask)
+    dropped = layer._dropout_layer(scores, training=training) if layer._dropout > 0.0 else scores
+    output = ops.einsum(layer._combine_equation, dropped, value)  # quantized by output_dense's input
     return output, scores if return_attention_scores else None
+
+
+def merge(layer, inputs):
+    """`Add` / `Multiply` of more than two inputs: TFLite's ADD and MUL take two, so each partial result is an
+    int8 tensor of its own (marked for QAT); the same order as Keras' own sum."""
+    y = inputs[0]
+    for i, x in enumerate(inputs[1:]):
+        y = _q(layer, f"partial{i}", y) if i else y
+        y = y + x if isinstance(layer, keras.layers.Add) else y * x
+    return y
 
 
 # (stock class, method, int8-friendly replacement). Only layers still running the stock method are switched: a
@@ -73,6 +123,8 @@ FORMS = (
     (keras.layers.LayerNormalization, "call", layer_normalization),
     (keras.layers.Softmax, "call", softmax),
     (keras.layers.MultiHeadAttention, "_compute_attention", attention),
+    (keras.layers.Add, "_merge_function", merge),
+    (keras.layers.Multiply, "_merge_function", merge),
 )
 
 

@@ -15,6 +15,12 @@ inlined, so the result is one flat Functional model) and each node is planned as
 - a *compute* node (Add, Multiply, Subtract, Concatenate, GlobalAveragePooling, Activation, ReLU, Softmax,
   Rescaling, op nodes such as ``x + 3.0``, any other weightless layer or op without a row): runs unchanged, output
   fake-quantized;
+- a *composite* layer (any other layer with weights: MultiHeadAttention, LayerNormalization, GroupNormalization,
+  Embedding, keras-hub's TransformerEncoder and embeddings, a user's layer with weights or sub-layers; and an Add
+  or Multiply of more than two inputs): `tfopt.qat_composite.QuantizeComposite` runs it in its int8 form with a
+  fake quant on every tensor the int8 file will hold (its sub-layers' weights and outputs, its own weights, the
+  intermediate tensors of attention, normalization and masked softmax). Recurrent layers, and layers holding one
+  or a BatchNormalization, are refused;
 - a *same-scale* node (``qat_role="same_scale"``: Reshape, Flatten, Dropout, Max/AveragePooling, ZeroPadding,
   UpSampling, Cropping, Permute, ...): copied, no fake quant, because TFLite requires its output scale to equal its
   input scale.
@@ -49,6 +55,7 @@ from tfopt import _checks, _graph, _wrappers, registry
 from tfopt import _model_utils as mu
 from tfopt.clustering import ClusterWeights
 from tfopt.pruning import PruneLowMagnitude, strip_pruning
+from tfopt.qat_composite import QuantizeComposite, quantized_weights
 from tfopt.qat_layers import (
     QuantizeAnnotate, QuantizeConfig, QuantizeLayer, QuantizeWrapper, _check_options, fused_activation, relu_kind,
 )
@@ -73,7 +80,7 @@ def is_quantized_model(model):
     `tfopt.tflite_export.convert` uses it to convert without representative
     data (the fake-quant ranges give every scale).
     """
-    kinds = (QuantizeWrapper, QuantizeLayer)
+    kinds = (QuantizeWrapper, QuantizeLayer, QuantizeComposite)
     return isinstance(model, keras.Model) and bool(_wrappers.find(model, kinds, include_self=False))
 
 
@@ -225,7 +232,7 @@ def quantize_model(
 
 def _refuse_quantized(model, fn_name):
     _wrappers.refuse(
-        model, (QuantizeWrapper, QuantizeLayer),
+        model, (QuantizeWrapper, QuantizeLayer, QuantizeComposite),
         f"`{fn_name}` got a model that is already quantized (it has {{layers}}). Quantize the float model once; to "
         "change the scheme, start again from the float model. Received: model={model}",
     )
@@ -260,7 +267,7 @@ def _check_config_weights(layer, quantize_config):
 class _Rec(_graph.Node):
     """One node of the flattened graph, with its QAT plan."""
 
-    kind: str = None  # "kernel", "compute", "same", "float", "bn", "folded"
+    kind: str = None  # "kernel", "composite", "compute", "same", "float", "bn", "folded"
     config: object = None  # a QuantizeConfig from an annotation
     bn: object = None  # the folded BatchNormalization layer
     quantize_output: bool = True
@@ -295,6 +302,8 @@ def _plan(model, filters, annotated_only):
             rec.kind = "bn"
         elif _role(op) == "kernel":
             rec.kind = "kernel"
+        elif op.weights and _composite(op) or isinstance(op, _CHAINS) and len(rec.ins) > 2:
+            rec.kind = "composite"
         elif op.weights:
             unsupported.append(op)
         else:
@@ -354,6 +363,15 @@ def _plan(model, filters, annotated_only):
     return graph
 
 
+_CHAINS = (keras.layers.Add, keras.layers.Multiply)  # more than two inputs: one int8 op per pair
+
+
+def _composite(op):
+    """True for a layer with weights `QuantizeComposite` runs: no recurrent or BatchNormalization layer inside."""
+    inside = [op, *_graph.sublayers(op)]
+    return not any(isinstance(l, (keras.layers.RNN, keras.layers.BatchNormalization)) for l in inside)
+
+
 def _role(op):
     """How QAT treats a layer or op (its registry row's `qat_role`; "compute" without a row)."""
     spec = registry.lookup(op)
@@ -375,7 +393,9 @@ def _unsupported_message(layers, errors, model):
         "subclass) and `tfopt.quantize_apply`, or register it with `tfopt.register_layer(cls, quantizable=...)`; "
         "or leave it float with `filters=` (e.g. `filters=lambda layer: layer.name != 'ln'`). A "
         "BatchNormalization is quantized only when it directly follows a Conv/DepthwiseConv/Dense with a "
-        "linear activation that feeds nothing else (it is folded into it). "
+        "linear activation that feeds nothing else (it is folded into it). Recurrent layers (LSTM, GRU, "
+        "SimpleRNN) and layers holding one or a BatchNormalization have no QAT: leave them float with `filters=`, "
+        "or convert the float model post-training. "
         f"Received: layers={[layer.name for layer in layers] or [e.split(':')[0] for e in errors]}"
     )
 
@@ -415,7 +435,7 @@ def _quantize(model, fn_name, scheme, filters, annotated_only, ema_decay, freeze
     q_inputs = {}  # canonical id -> fake-quantized version of a float tensor
 
     def feed(rec, c, tensor):
-        if not rec.selected or rec.kind == "folded" or c in quantized:
+        if not rec.selected or rec.kind == "folded" or c in quantized or not _is_float(tensor):
             return tensor
         if c not in q_inputs:
             q_inputs[c] = QuantizeLayer(ema_decay=ema_decay, name=unique(f"{graph.name(c)}_quantize"))(tensor)
@@ -423,6 +443,12 @@ def _quantize(model, fn_name, scheme, filters, annotated_only, ema_decay, freeze
 
     def make(rec):
         op = _unwrap(rec.op)
+        if rec.kind == "composite":
+            zeros = any(np.any(keras.ops.convert_to_numpy(v) == 0) for v, _ in quantized_weights(op))
+            return QuantizeComposite(
+                mu.copy_layer(op), preserve_sparsity=zeros if preserve_sparsity is None else preserve_sparsity,
+                ema_decay=ema_decay, name=unique(f"quant_{op.name}"),
+            ), None
         if rec.kind not in ("kernel", "compute") or not isinstance(op, keras.layers.Layer):
             return _graph.copy_op(op, unique), None
         sparse = _has_zeros(op, rec) if preserve_sparsity is None else preserve_sparsity
@@ -448,7 +474,7 @@ def _quantize(model, fn_name, scheme, filters, annotated_only, ema_decay, freeze
         if rec.kind == "compute" and not isinstance(rec.op, keras.layers.Layer) and rec.quantize_output:
             flat = [QuantizeLayer(ema_decay=ema_decay, name=unique(f"{rec.op.name}_quantize"))(t) for t in flat]
         if rec.selected and (
-            rec.kind in ("kernel", "compute")
+            rec.kind in ("kernel", "compute", "composite")
             or (rec.kind == "same" and all(i in quantized or i in q_inputs for i in rec.ins))
         ):
             quantized.update(rec.outs)
@@ -510,6 +536,10 @@ def _cluster_plan(records, clustered, k, model):
             f"Received: preserve_clusters={k}"
         )
     return plan
+
+
+def _is_float(tensor):
+    return keras.backend.standardize_dtype(tensor.dtype).startswith(("float", "bfloat"))
 
 
 def _has_zeros(layer, rec):
