@@ -132,3 +132,22 @@ def test_recurrent_and_batch_norm_inside_a_block_are_still_refused_by_name():
     model = keras.Model(inp, L.Dense(2)(L.LSTM(3)(inp)))
     with pytest.raises(ValueError, match=r"'lstm'.*LSTM[\s\S]*filters="):
         tfopt.quantize_model(model)
+
+
+def test_pruned_transformer_keeps_its_zeros_through_qat_and_export():
+    from tests.test_qat import _int8_weight_zero_fractions
+    from tfopt.tflite_export import _flatbuffer
+
+    x, y = _data(n=128)
+    keras.utils.set_random_seed(3)
+    pruned = tfopt.prune_low_magnitude(_encoder(), tfopt.ConstantSparsity(0.75, begin_step=0, frequency=1))
+    pruned.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    pruned.fit(x, y, epochs=1, verbose=0, callbacks=[tfopt.callbacks.UpdatePruningStep()])
+    qat = tfopt.quantize_model(pruned)
+    attention = [l for l in qat.layers
+                 if isinstance(l, QuantizeComposite) and isinstance(l.layer, L.MultiHeadAttention)]
+    assert len(attention) == 1 and attention[0].preserve_sparsity
+    _fit(qat, x, y, epochs=1, lr=1e-3)
+    fractions = _int8_weight_zero_fractions(_flatbuffer.read_bytes(tflite_export.convert(qat, quiet=True)))
+    # query, key, value, output projections and the four Dense kernels, each 75% zeros in the int8 file
+    assert len([f for f in fractions.values() if f >= 0.74]) >= 8, fractions
