@@ -549,3 +549,24 @@ def test_error_bad_arguments(cnn):
         qat.quantize_model(cnn, ema_decay=1.5)
     with pytest.raises(TypeError, match="QuantizeConfig"):
         qat.quantize_annotate_layer(L.Dense(2), quantize_config="8bit")
+
+
+# ----- composite layers (attention, normalization) on every backend --------------------------
+
+
+def test_attention_and_layer_norm_ranges_train_on_every_backend():
+    inp = keras.Input((8, 6))
+    h = L.Dense(16)(inp)
+    h = L.LayerNormalization()(h + L.MultiHeadAttention(2, 8)(h, h, use_causal_mask=True))
+    q = qat.quantize_model(keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling1D()(h))))
+    rng = np.random.default_rng(0)
+    x, y = rng.random((64, 8, 6)).astype("float32"), rng.random((64, 3)).astype("float32")
+    q.compile("adam", "mse")
+    q.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    ranges = {v.path.split("/")[-1]: float(ops.convert_to_numpy(v)) for v in q.non_trainable_weights if len(v.shape) == 0}
+    # Learned from the batches, not the [-6, 6] a range starts at: the updates inside the layer's forward
+    # (recorded by its weight-substitution scope) reach the variables under TensorFlow, JAX and PyTorch.
+    assert ranges["self_scores_initialized"] == 1.0 and ranges["self_inverse_initialized"] == 1.0
+    assert -6.0 < ranges["self_scores_min"] < 0.0 < ranges["self_scores_max"] < 6.0
+    assert ranges["self_inverse_min"] == 0.0 and 0.0 < ranges["self_inverse_max"] < 6.0
+    assert np.isfinite(q.predict(x, verbose=0)).all()
