@@ -84,7 +84,7 @@ def test_forms_switches_stock_layers_inside_composites_and_restores_them():
     # "ln", the attention and its own Softmax, reached inside it; not OwnNorm, which overrides call
     assert kinds == [("LayerNormalization", True), ("MultiHeadAttention", False), ("Softmax", False)]
     np.testing.assert_allclose(inside, before, atol=1e-4)
-    assert all(not {"call", "_compute_attention"} & set(vars(layer)) for layer in model._flatten_layers())
+    assert all(not {"call", "_compute_attention", "_merge_function"} & set(vars(layer)) for layer in model._flatten_layers())
     np.testing.assert_array_equal(ops.convert_to_numpy(model(x)), before)
 
 
@@ -93,4 +93,23 @@ def test_forms_restores_after_an_error():
     with pytest.raises(RuntimeError, match="inside"):
         with _int8_forms.forms(model):
             raise RuntimeError("inside")
-    assert all(not {"call", "_compute_attention"} & set(vars(layer)) for layer in model._flatten_layers())
+    assert all(not {"call", "_compute_attention", "_merge_function"} & set(vars(layer)) for layer in model._flatten_layers())
+
+
+@pytest.mark.parametrize("merge", [L.Add, L.Multiply])
+def test_a_merge_of_three_inputs_matches_keras(merge):
+    rng = np.random.default_rng(3)
+    xs = [ops.convert_to_tensor(rng.normal(size=(2, 5)).astype("float32")) for _ in range(3)]
+    layer = merge()
+    np.testing.assert_allclose(ops.convert_to_numpy(_int8_forms.merge(layer, xs)), ops.convert_to_numpy(layer(xs)),
+                               rtol=1e-6)
+
+
+def test_unrolled_lstm_matches_keras_inside_forms():
+    inp = keras.Input((5, 4))
+    model = keras.Model(inp, L.LSTM(6, unroll=True, return_sequences=True)(inp))
+    x = np.random.default_rng(4).normal(size=(3, 5, 4)).astype("float32")
+    before = ops.convert_to_numpy(model(x))
+    with _int8_forms.forms(model) as switched:
+        assert [type(layer).__name__ for layer in switched] == ["LSTMCell"]
+        np.testing.assert_allclose(ops.convert_to_numpy(model(x)), before, atol=1e-6)

@@ -184,3 +184,14 @@ def test_rnn_calibration_is_refused_before_it_can_crash_the_process(layer_type):
     tfl = te.convert(model, mode="float16", quiet=True)  # the way out the error names
     assert te.compare(model, tfl, x).top1_agreement == 1.0
 
+
+@pytest.mark.slow
+def test_unrolled_lstm_converts_fully_int8():
+    # The gates are sliced, not split, while tracing: int8 SPLIT would need one scale for all four.
+    model = _rnn(keras.layers.LSTM, unroll=True)
+    x = np.random.default_rng(0).normal(size=(64, 12, 6)).astype("float32")
+    tfl = te.convert(model, representative_data=x, quiet=True)  # strict: raises on any float op
+    ops = {o["op"] for o in te.analyze(tfl).ops}
+    assert te.analyze(tfl).kind == "int8" and "SPLIT" not in ops and "STRIDED_SLICE" in ops, ops
+    assert te.compare(model, tfl, x).top1_agreement >= 0.95
+

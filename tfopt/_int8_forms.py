@@ -1,6 +1,6 @@
 """Int8-friendly forward passes of layers whose stock Keras forward has no int8 TFLite kernel path.
 
-Two stock forwards keep a float tensor inside an otherwise int8 graph, or ruin its calibration:
+These stock forwards keep a float tensor inside an otherwise int8 graph, or ruin its calibration:
 
 - `LayerNormalization` computes `x * inv - mean * inv`; the converter lowers `-mean` to a NEG that has no int8
   kernel, so the file carries DEQUANTIZE -> float NEG -> QUANTIZE. The same statistics written as
@@ -10,6 +10,10 @@ Two stock forwards keep a float tensor inside an otherwise int8 graph, or ruin i
   at the scores' own span plus `MASK_MARGIN`; each masked position takes at most `exp(-MASK_MARGIN)` of the
   smallest kept weight from the normalization, far under half an int8 step of the softmax output (1/512), and is
   then set to 0 as Keras does.
+
+`LSTMCell` slices its four gates out of the fused pre-activation: int8 SPLIT needs one scale for all of them,
+calibration gives each gate its own, and the converter then leaves the split float. `Add` / `Multiply` of more
+than two inputs sum pair by pair (a QAT range for each partial result).
 
 `MultiHeadAttention` is switched to Keras' explicit attention path so that its Softmax, not a fused kernel,
 applies the mask. `forms(model)` installs these forwards on every stock layer inside `model` (composite layers and
@@ -117,6 +121,22 @@ def merge(layer, inputs):
     return y
 
 
+def lstm_cell(layer, inputs, states, training=False):
+    """`LSTMCell` with its four gates sliced out of the fused pre-activation instead of split: int8 SPLIT wants one
+    scale for all four outputs, calibration gives each gate its own, and the converter then leaves it float.
+    Keras' own forward in training and for ``implementation=1`` (it splits the kernel, not the activation)."""
+    if layer.implementation == 1 or training:
+        return keras.layers.LSTMCell.call(layer, inputs, states, training)
+    h_tm1, c_tm1 = states[0], states[1]
+    z = ops.add(ops.matmul(inputs, layer.kernel), ops.matmul(h_tm1, layer.recurrent_kernel))
+    if layer.use_bias:
+        z = ops.add(z, layer.bias)
+    u = layer.units
+    c, o = layer._compute_carry_and_output_fused([z[:, i * u:(i + 1) * u] for i in range(4)], c_tm1)
+    h = o * layer.activation(c)
+    return h, [h, c]
+
+
 # (stock class, method, int8-friendly replacement). Only layers still running the stock method are switched: a
 # subclass that overrides it computes something else, and the converter's int8 check reports what it lowers to.
 FORMS = (
@@ -125,6 +145,7 @@ FORMS = (
     (keras.layers.MultiHeadAttention, "_compute_attention", attention),
     (keras.layers.Add, "_merge_function", merge),
     (keras.layers.Multiply, "_merge_function", merge),
+    (keras.layers.LSTMCell, "call", lstm_cell),
 )
 
 
