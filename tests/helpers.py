@@ -4,6 +4,7 @@ import math
 
 import keras
 import numpy as np
+from ai_edge_litert.interpreter import Interpreter
 from keras import ops
 
 import tfopt
@@ -68,3 +69,19 @@ def masks_of(model):
 def zero_fraction(array):
     array = np.asarray(array)
     return float(np.sum(array == 0)) / math.prod(array.shape)
+
+
+def int8_weight_zero_fractions(content):
+    """{tensor name: fraction of zeros} of the int8 weight tensors (zero point 0) of a .tflite file."""
+    it = Interpreter(model_content=content)
+    it.allocate_tensors()
+    out = {}
+    for d in it.get_tensor_details():
+        if d["dtype"] == np.int8 and len(d["shape"]) in (2, 4) and d["quantization_parameters"]["zero_points"].size:
+            try:
+                t = it.get_tensor(d["index"])
+            except ValueError:
+                continue
+            if np.all(d["quantization_parameters"]["zero_points"] == 0) and d["shape"][0] != 1 or len(d["shape"]) == 2:
+                out[d["name"]] = zero_fraction(t)
+    return out

@@ -9,7 +9,9 @@ from keras import ops
 
 import tfopt
 from conftest import compile_for_test, image_data, tiny_cnn
-from helpers import assert_config_roundtrip, assert_save_load, assert_same_weights, weights_of, zero_fraction
+from helpers import (
+    assert_config_roundtrip, assert_save_load, assert_same_weights, int8_weight_zero_fractions, weights_of, zero_fraction,
+)
 from tfopt import qat
 from tfopt.qat_layers import QuantizeConfig, QuantizeLayer, QuantizeWrapper
 from tfopt.quantizers import LastValueQuantizer
@@ -369,21 +371,6 @@ def test_layer_configs_roundtrip(cnn):
 # ----- pruned models -----------------------------------------------------------------
 
 
-def _int8_weight_zero_fractions(content):
-    it = Interpreter(model_content=content)
-    it.allocate_tensors()
-    out = {}
-    for d in it.get_tensor_details():
-        if d["dtype"] == np.int8 and len(d["shape"]) in (2, 4) and d["quantization_parameters"]["zero_points"].size:
-            try:
-                t = it.get_tensor(d["index"])
-            except ValueError:
-                continue
-            if np.all(d["quantization_parameters"]["zero_points"] == 0) and d["shape"][0] != 1 or len(d["shape"]) == 2:
-                out[d["name"]] = zero_fraction(t)
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("strip", [True, False], ids=["stripped", "wrapped"])
 def test_pruned_zeros_survive_qat_and_export(strip, data):
@@ -403,7 +390,7 @@ def test_pruned_zeros_survive_qat_and_export(strip, data):
         kernel = ops.convert_to_numpy(w.layer.kernel) * ops.convert_to_numpy(w._masks[0])
         assert zero_fraction(kernel) >= 0.74
     content = _convert(q)
-    fractions = _int8_weight_zero_fractions(content)
+    fractions = int8_weight_zero_fractions(content)
     big = [f for f in fractions.values()]
     assert len([f for f in big if f >= 0.74]) >= 3, fractions
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import tfopt
-from tests.helpers import assert_same_weights, weights_of
+from tests.helpers import assert_same_weights, int8_weight_zero_fractions, weights_of
 from tfopt import tflite_export
 from tfopt.qat_composite import QuantizeComposite
 
@@ -129,13 +129,12 @@ def test_bert_backbone_qat_is_fully_int8():
 
 def test_recurrent_and_batch_norm_inside_a_block_are_still_refused_by_name():
     inp = keras.Input((5, 4))
-    model = keras.Model(inp, L.Dense(2)(L.LSTM(3)(inp)))
+    model = keras.Model(inp, L.Dense(2)(L.LSTM(3, name="lstm")(inp)))
     with pytest.raises(ValueError, match=r"'lstm'.*LSTM[\s\S]*filters="):
         tfopt.quantize_model(model)
 
 
 def test_pruned_transformer_keeps_its_zeros_through_qat_and_export():
-    from tests.test_qat import _int8_weight_zero_fractions
     from tfopt.tflite_export import _flatbuffer
 
     x, y = _data(n=128)
@@ -148,6 +147,6 @@ def test_pruned_transformer_keeps_its_zeros_through_qat_and_export():
                  if isinstance(l, QuantizeComposite) and isinstance(l.layer, L.MultiHeadAttention)]
     assert len(attention) == 1 and attention[0].preserve_sparsity
     _fit(qat, x, y, epochs=1, lr=1e-3)
-    fractions = _int8_weight_zero_fractions(_flatbuffer.read_bytes(tflite_export.convert(qat, quiet=True)))
+    fractions = int8_weight_zero_fractions(_flatbuffer.read_bytes(tflite_export.convert(qat, quiet=True)))
     # query, key, value, output projections and the four Dense kernels, each 75% zeros in the int8 file
     assert len([f for f in fractions.values() if f >= 0.74]) >= 8, fractions

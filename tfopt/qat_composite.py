@@ -42,34 +42,24 @@ import keras
 from keras import ops
 
 from tfopt import _graph, _int8_forms, _wrappers, registry
-from tfopt.qat_layers import _check_options, _nonzero, _weight_fq, activation_name
+from tfopt.qat_layers import (
+    _FIXED_OUTPUT, _FUSED, _check_options, _kernel_row, _nonzero, _weight_fq, _weightless_activation, fused_activation,
+)
 from tfopt.quantizers import FixedRangeQuantizer, MovingAverageQuantizer, fake_quant, moving_average_range
 
 __all__ = ["QuantizeComposite", "quantized_weights"]
 
 L = keras.layers
-# Output ranges fixed by the int8 kernels (TFLite quantization spec); sites of these kinds have no variables.
-_FIXED = {"softmax": (0.0, 255.0 / 256.0), "sigmoid": (0.0, 255.0 / 256.0), "tanh": (-1.0, 127.0 / 128.0)}
-_FUSED = ("linear", "relu", "relu6")
+_FIXED = _FIXED_OUTPUT  # sites of these kinds have fixed ranges and no variables
 
 
 def _activation(layer):
-    """The name of the activation `layer` ends in (its row's attribute, an Activation's, "softmax"), or None."""
-    if isinstance(layer, L.Softmax):
-        return "softmax"
-    spec = registry.lookup(layer)
-    attr = spec.activation if spec is not None and spec.activation else None
-    attr = attr or ("activation" if isinstance(layer, L.Activation) else None)
-    return activation_name(getattr(layer, attr)) if attr else None
+    """The name of the activation `layer` ends in (a kernel layer's own, a weightless layer's), or None."""
+    return fused_activation(layer) if _kernel_row(layer) else _weightless_activation(layer)
 
 
 def _kind(layer):
     return _activation(layer) if _activation(layer) in _FIXED else "ema"
-
-
-def _kernel_row(layer):
-    spec = registry.lookup(layer)
-    return spec if spec is not None and spec.qat_role == "kernel" else None
 
 
 def _own_weight_fq(w):
